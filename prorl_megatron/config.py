@@ -1,0 +1,576 @@
+"""The whole ProRL recipe as typed dataclasses, loaded from ``recipes/*.yaml``.
+
+A recipe is one YAML file whose top-level keys are the sections below. Every field has a
+default, so a recipe only states what differs. Command-line overrides use dotted keys::
+
+    python -m prorl_megatron.config --recipe recipes/tiny_cpu.yaml algo.eps_high=0.28 rollout.n=8
+
+Values are parsed as YAML scalars/lists (``rollout.stop=['</answer>']``, ``reset.every_n_steps=null``)
+and coerced to the field's declared type. Unknown keys are errors that name the key, where it
+came from, and the closest valid names; a value of the wrong type names the field and the
+expected type; cross-field problems (batch sizes that do not divide, a reset with no trigger)
+are caught by :meth:`Recipe.validate` before anything is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+AdvantageName = Literal["grpo", "rloo", "reinforce_pp_baseline"]
+KLEstimator = Literal["k1", "abs", "k2", "k3"]
+AggMode = Literal[
+    "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+]
+Domain = Literal["math", "code", "stem", "logic", "instruction"]
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message says what and where."""
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which network is trained. Weights come from ``mcore_ckpt`` if set, else ``hf_path``."""
+
+    hf_path: str = ""  # HF directory: config.json, tokenizer files, optionally safetensors
+    mcore_ckpt: Optional[str] = None  # Megatron dist checkpoint made by tools/convert_hf.py
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    """Numerics of training. FP8 needs Transformer Engine (absent on CPU: an error there)."""
+
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None  # None: no FP8
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    grad_reduce_in_fp32: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """Training layout; data parallel size = world size / (tensor * pipeline)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class RolloutConfig:
+    """vLLM generation. Logprobs are those of the sampling distribution (after temperature)."""
+
+    n: int = 16  # samples per prompt (GRPO group size)
+    temperature: float = 1.2  # ProRL samples at 1.2
+    top_p: float = 1.0
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 8192  # 8k, then 16k in ProRL's last stage
+    stop: list[str] = field(default_factory=list)
+    engine_tensor_parallel: int = 1  # vLLM TP; may differ from training TP
+    gpu_memory_utilization: float = 0.5
+    cpu_kvcache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    sleep_between_rollouts: bool = True  # GPU only: release KV cache and weights for training
+    truncated: Literal["zero_reward", "mask", "keep"] = "zero_reward"  # overlong responses
+    tis_cap: Optional[float] = None  # truncated importance sampling cap C; None: off
+    check_sync_every: int = 0  # engine-vs-policy logprob parity check every N steps; 0: never
+
+
+@dataclass
+class AlgoConfig:
+    """The RL objective (GRPO + DAPO clip-higher + token-level loss + KL to a reference)."""
+
+    advantage: AdvantageName = "grpo"
+    scale_by_std: bool = True  # False: Dr. GRPO (r - group mean)
+    eps_low: float = 0.2  # DAPO decoupled clipping, lower
+    eps_high: float = 0.4  # ProRL uses 0.4 (DAPO 0.28)
+    dual_clip_c: Optional[float] = 3.0  # dual-clip bound for negative advantages; None: off
+    loss_agg: AggMode = "token-mean"  # DAPO token-level loss
+    kl_coef: float = 1e-4  # beta of the KL penalty to the reference policy
+    kl_estimator: KLEstimator = "k3"
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal, refill
+    max_sampling_rounds: int = 4  # generation rounds allowed to fill a batch
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, optimizer and run length."""
+
+    steps: int = 2000
+    prompts_per_step: int = 256
+    mini_batch_prompts: int = 64  # prompts per optimizer update (256/64 = 4 updates per step)
+    micro_batch_size: int = 4  # sequences per forward/backward
+    logprob_chunk_tokens: int = 4096  # tokens per chunk of the vocab-parallel logprob pass
+    lr: float = 2e-6  # constant, AdamW
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    max_nonfinite_in_row: int = 3  # stop the run after this many skipped updates in a row
+
+
+@dataclass
+class ResetConfig:
+    """When the reference policy (and optimizer state) is hard-reset to the current policy.
+
+    Triggers combine; ``None`` disables a trigger. ``min_gap_steps`` holds back any trigger
+    until that many steps have passed since the previous reset.
+    """
+
+    every_n_steps: Optional[int] = None
+    kl_threshold: Optional[float] = None  # mean KL to the reference ...
+    kl_window: int = 1  # ... above the threshold for this many consecutive steps
+    plateau_window: Optional[int] = None  # validation reward not improved for W evaluations
+    plateau_delta: float = 0.0  # ... by more than this
+    min_gap_steps: int = 0
+    reset_optimizer: bool = True  # ProRL resets the optimizer state with the reference
+
+
+@dataclass
+class DataConfig:
+    """Prompt datasets: local jsonl/parquet files in the project's schema."""
+
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    domain_weights: dict[str, float] = field(default_factory=dict)  # empty: natural mixture
+    shuffle_seed: int = 0
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: counted and logged, never silent
+    apply_chat_template: bool = True
+
+
+@dataclass
+class RewardsConfig:
+    """Verifiers; each runs in a worker process with a per-sample timeout."""
+
+    workers: int = 8
+    timeout_s: float = 10.0
+    code_sandbox: Literal["bwrap", "none"] = "bwrap"
+    allow_unsandboxed: bool = False  # must be True to run model code with code_sandbox=none
+    code_cpu_s: float = 5.0
+    code_memory_mib: int = 1024
+    strip_think: bool = True  # score only what follows </think>; an unclosed think scores 0
+
+
+@dataclass
+class EvalConfig:
+    """Pass@k on held-out prompts, also the reset scheduler's plateau signal."""
+
+    every_n_steps: int = 0  # 0: never during training
+    n_samples: int = 16
+    ks: list[int] = field(default_factory=lambda: [1, 16])
+    temperature: float = 0.6
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic, resumable checkpoints (megatron dist checkpoints + loop state)."""
+
+    dir: str = "runs/checkpoints"
+    every_n_steps: int = 50
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | a checkpoint directory
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go. JSONL is always written."""
+
+    dir: str = "runs/logs"
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "prorl-megatron"
+    console_every: int = 1
+
+
+@dataclass
+class Recipe:
+    """A whole ProRL run."""
+
+    name: str = "prorl"
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reset: ResetConfig = field(default_factory=ResetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, source: str = "recipe") -> "Recipe":
+        """Check constraints between fields; raise :class:`ConfigError` naming the fields."""
+        problems: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        positive_ints = {
+            "parallel.tensor": self.parallel.tensor,
+            "parallel.pipeline": self.parallel.pipeline,
+            "rollout.n": self.rollout.n,
+            "rollout.max_prompt_tokens": self.rollout.max_prompt_tokens,
+            "rollout.max_response_tokens": self.rollout.max_response_tokens,
+            "rollout.engine_tensor_parallel": self.rollout.engine_tensor_parallel,
+            "algo.max_sampling_rounds": self.algo.max_sampling_rounds,
+            "train.steps": self.train.steps,
+            "train.prompts_per_step": self.train.prompts_per_step,
+            "train.mini_batch_prompts": self.train.mini_batch_prompts,
+            "train.micro_batch_size": self.train.micro_batch_size,
+            "train.logprob_chunk_tokens": self.train.logprob_chunk_tokens,
+            "train.max_nonfinite_in_row": self.train.max_nonfinite_in_row,
+            "reset.kl_window": self.reset.kl_window,
+            "checkpoint.keep_last": self.checkpoint.keep_last,
+            "eval.n_samples": self.eval.n_samples,
+            "rewards.workers": self.rewards.workers,
+        }
+        for name, value in positive_ints.items():
+            need(value >= 1, f"{name} must be >= 1, got {value}")
+        non_negative_ints = {
+            "rollout.check_sync_every": self.rollout.check_sync_every,
+            "reset.min_gap_steps": self.reset.min_gap_steps,
+            "eval.every_n_steps": self.eval.every_n_steps,
+            "checkpoint.every_n_steps": self.checkpoint.every_n_steps,
+            "logging.console_every": self.logging.console_every,
+        }
+        for name, value in non_negative_ints.items():
+            need(value >= 0, f"{name} must be >= 0, got {value}")
+
+        need(0.0 <= self.algo.eps_low < 1.0, f"algo.eps_low must be in [0, 1), got {self.algo.eps_low}")
+        need(self.algo.eps_high >= 0.0, f"algo.eps_high must be >= 0, got {self.algo.eps_high}")
+        if self.algo.dual_clip_c is not None:
+            need(self.algo.dual_clip_c > 1.0, f"algo.dual_clip_c must be > 1 (or null), got {self.algo.dual_clip_c}")
+        need(self.algo.kl_coef >= 0.0, f"algo.kl_coef must be >= 0, got {self.algo.kl_coef}")
+        need(self.rollout.temperature > 0.0, f"rollout.temperature must be > 0, got {self.rollout.temperature}")
+        need(0.0 < self.rollout.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
+        need(
+            0.0 < self.rollout.gpu_memory_utilization <= 1.0,
+            f"rollout.gpu_memory_utilization must be in (0, 1], got {self.rollout.gpu_memory_utilization}",
+        )
+        if self.rollout.tis_cap is not None:
+            need(self.rollout.tis_cap > 0.0, f"rollout.tis_cap must be > 0 (or null), got {self.rollout.tis_cap}")
+        need(self.train.lr > 0.0, f"train.lr must be > 0, got {self.train.lr}")
+        need(self.train.clip_grad >= 0.0, f"train.clip_grad must be >= 0 (0: off), got {self.train.clip_grad}")
+        need(
+            self.train.mini_batch_prompts <= self.train.prompts_per_step
+            and self.train.prompts_per_step % max(self.train.mini_batch_prompts, 1) == 0,
+            f"train.prompts_per_step ({self.train.prompts_per_step}) must be a multiple of "
+            f"train.mini_batch_prompts ({self.train.mini_batch_prompts})",
+        )
+        need(
+            (self.train.mini_batch_prompts * self.rollout.n) % max(self.train.micro_batch_size, 1) == 0,
+            f"a mini-batch of train.mini_batch_prompts x rollout.n = "
+            f"{self.train.mini_batch_prompts * self.rollout.n} sequences must be a multiple of "
+            f"train.micro_batch_size ({self.train.micro_batch_size})",
+        )
+        need(self.rewards.timeout_s > 0, f"rewards.timeout_s must be > 0, got {self.rewards.timeout_s}")
+        need(
+            self.rewards.code_sandbox != "none" or self.rewards.allow_unsandboxed,
+            "rewards.code_sandbox=none runs model-written code on the host: set "
+            "rewards.allow_unsandboxed=true to accept that explicitly",
+        )
+        for domain, weight in self.data.domain_weights.items():
+            need(
+                domain in typing.get_args(Domain),
+                f"data.domain_weights: unknown domain {domain!r}; valid: {', '.join(typing.get_args(Domain))}",
+            )
+            need(weight >= 0.0 and math.isfinite(weight), f"data.domain_weights.{domain} must be >= 0, got {weight}")
+        if self.data.domain_weights:
+            need(sum(self.data.domain_weights.values()) > 0, "data.domain_weights must not all be 0")
+        for k in self.eval.ks:
+            need(
+                1 <= k <= self.eval.n_samples,
+                f"eval.ks: every k must be in [1, eval.n_samples={self.eval.n_samples}], got {k}",
+            )
+
+        r = self.reset
+        for name in ("every_n_steps", "plateau_window"):
+            value = getattr(r, name)
+            need(value is None or value >= 1, f"reset.{name} must be >= 1 (or null), got {value}")
+        if r.kl_threshold is not None:
+            need(r.kl_threshold > 0, f"reset.kl_threshold must be > 0 (or null), got {r.kl_threshold}")
+        if r.plateau_window is not None:
+            need(
+                self.eval.every_n_steps > 0,
+                "reset.plateau_window needs validation rewards: set eval.every_n_steps > 0",
+            )
+        need(
+            self.checkpoint.resume in ("auto", "none") or bool(self.checkpoint.resume),
+            "checkpoint.resume must be auto, none or a checkpoint directory",
+        )
+        if problems:
+            raise ConfigError(f"{source}: invalid recipe:\n  " + "\n  ".join(problems))
+        return self
+
+
+# --------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with typed coercion and precise errors
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        key, value = typing.get_args(tp)
+        return f"mapping of {_type_name(key)} to {_type_name(value)}"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping (section {tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _unknown_key(source: str, prefix: str, key: str, valid: list[str]) -> ConfigError:
+    """An error naming the dotted key, its source and the closest valid names."""
+    dotted = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = ""
+    if close:
+        hint = "; did you mean " + ", ".join(repr(f"{prefix}.{c}" if prefix else c) for c in close) + "?"
+    section = f" in {prefix}" if prefix else ""
+    return ConfigError(f"{source}: unknown key {dotted!r}{hint} (valid keys{section}: {', '.join(valid)})")
+
+
+def _coerce(value: Any, tp: Any, source: str, dotted: str) -> Any:
+    """Return ``value`` converted to type ``tp``, or raise ConfigError naming source and key."""
+    origin = typing.get_origin(tp)
+
+    def wrong() -> ConfigError:
+        return ConfigError(
+            f"{source}: {dotted}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise wrong()
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, source, dotted)
+            except ConfigError:
+                continue
+        raise wrong()
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: {dotted}: expected {_type_name(tp)}, got {value!r}{hint}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise wrong()
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, source, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong()
+        key_tp, value_tp = typing.get_args(tp)
+        return {
+            _coerce(k, key_tp, source, dotted): _coerce(v, value_tp, source, f"{dotted}.{k}")
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise wrong()
+        return _build(tp, value, source, dotted)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise wrong()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise wrong() from None
+        raise wrong()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong() from None
+        raise wrong()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong()
+    raise TypeError(f"{dotted}: unsupported field type {tp!r}")  # a bug in this module
+
+
+def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from ``data``; unknown keys and bad values are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'recipe'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(source, prefix, str(key), list(hints))
+        kwargs[key] = _coerce(value, hints[key], source, f"{prefix}.{key}" if prefix else key)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict, source: str = "recipe") -> Recipe:
+    """Build a :class:`Recipe` from nested plain data (as read from YAML)."""
+    return _build(Recipe, data, source)
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """The recipe as nested plain data (inverse of :func:`from_dict`)."""
+    return dataclasses.asdict(recipe)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------------------
+# Files and overrides
+# --------------------------------------------------------------------------------------
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"command line: override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"command line: override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: cannot parse the value of {key!r}: {e}") from None
+    return parts, value
+
+
+def _set_dotted(data: dict, parts: list[str], value: Any, text: str) -> None:
+    """Set ``data[p0][p1]... = value``, checking every key against the recipe's schema."""
+    source = f"command line ({text})"
+    tp: Any = Recipe
+    node = data
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        last = depth == len(parts) - 1
+        if typing.get_origin(tp) is dict and last:  # e.g. data.domain_weights.math=2
+            node[part] = _coerce(value, typing.get_args(tp)[1], source, ".".join(parts))
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{source}: {prefix} is a value, not a section: cannot set {'.'.join(parts)}")
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            raise _unknown_key(source, prefix, part, list(hints))
+        if last:
+            node[part] = _coerce(value, hints[part], source, ".".join(parts))
+            if dataclasses.is_dataclass(node[part]):
+                node[part] = dataclasses.asdict(node[part])
+            return
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node, tp = child, hints[part]
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, apply dotted overrides, coerce types and validate.
+
+    Raises:
+        ConfigError: with the file (or "command line"), the dotted key and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    recipe = from_dict(data, source=str(path))  # errors here name the file
+    merged = to_dict(recipe)
+    for text in overrides:
+        parts, value = _parse_override(text)
+        _set_dotted(merged, parts, value, text)
+    if overrides:
+        recipe = from_dict(merged, source="command line")
+    return recipe.validate(source=f"{path}" + (" + command line" if overrides else ""))
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, default_recipe: str | None = None) -> None:
+    """Add ``--recipe``, ``--print-config`` and the trailing ``key.sub=value`` overrides."""
+    parser.add_argument("--recipe", default=default_recipe, required=default_recipe is None,
+                        help="recipe YAML file (recipes/*.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """Load the recipe named by :func:`add_recipe_arguments`; print it if asked."""
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        print(f"# resolved recipe: {args.recipe}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""))
+        print(to_yaml(recipe), end="")
+    return recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Resolve and check a ProRL recipe.")
+    add_recipe_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        recipe_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.print_config:
+        print(f"{args.recipe}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
