@@ -1,0 +1,37 @@
+"""The ProRL algorithm as pure torch functions: no distributed, Megatron or vLLM imports.
+
+- :mod:`~prorl_megatron.algo.advantages`: GRPO, RLOO, REINFORCE++-baseline;
+- :mod:`~prorl_megatron.algo.losses`: clipped surrogate (decoupled eps, dual clip),
+  KL estimators, loss aggregation;
+- :mod:`~prorl_megatron.algo.sampling`: dynamic-sampling filter, pass@k;
+- :mod:`~prorl_megatron.algo.reset`: the reference-reset scheduler.
+"""
+
+from prorl_megatron.algo import advantages, losses, reset, sampling
+from prorl_megatron.algo.advantages import (
+    compute_advantages,
+    grpo_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+)
+from prorl_megatron.algo.losses import aggregate, kl_penalty, policy_loss
+from prorl_megatron.algo.reset import ResetEvent, ResetScheduler
+from prorl_megatron.algo.sampling import keep_informative_groups, pass_at_k
+
+__all__ = [
+    "advantages",
+    "losses",
+    "reset",
+    "sampling",
+    "compute_advantages",
+    "grpo_advantages",
+    "rloo_advantages",
+    "reinforce_pp_baseline_advantages",
+    "aggregate",
+    "kl_penalty",
+    "policy_loss",
+    "ResetEvent",
+    "ResetScheduler",
+    "keep_informative_groups",
+    "pass_at_k",
+]
