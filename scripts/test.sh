@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite on CPU: sets up .venv, then runs pytest (extra arguments go to pytest).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/setup_env.sh"
+cd "$ROOT"
+exec python -m pytest "$@"
