@@ -1,0 +1,263 @@
+"""Every patch that megatron-core needs to run on a CPU-only machine, in one place.
+
+megatron-core (pinned 0.16.1) runs on CPU over gloo — tensor and pipeline parallelism,
+vocab-parallel cross entropy, dist checkpoints, the optimizer — except for hard-coded CUDA
+calls: ``torch.cuda.current_device()`` as a device, ``device="cuda"`` literals, CUDA RNG
+state, CUDA streams and events, and ``torch.cuda.FloatTensor`` type checks.
+
+:func:`apply` patches exactly the megatron modules listed in :data:`PATCHES`, once, and only
+when no CUDA device is present (on a GPU nothing here is touched). Two kinds of patch:
+
+- *CUDA-to-CPU redirection* for a module: its module-global ``torch`` is replaced by a
+  stand-in that forwards everything to the real torch, except that ``torch.cuda`` becomes a
+  CPU stand-in (current device "cpu", no-op synchronize/streams/events, the CPU RNG as
+  "the CUDA RNG") and tensor factories map a ``device="cuda"`` argument to the CPU. Only
+  that module's own code sees the stand-in.
+- *function replacement*, where a CUDA-only check cannot be redirected (type strings).
+
+``tests/test_cpu_patches.py`` fails when a target module or function no longer exists or no
+longer needs its patch, so an upgrade of megatron-core is noticed rather than silently
+half-patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+_APPLIED = False
+
+
+# --------------------------------------------------------------------------------------
+# The stand-ins
+# --------------------------------------------------------------------------------------
+
+
+def _cpu_device(device: Any) -> Any:
+    """Map a CUDA device spec ("cuda", "cuda:1", torch.device("cuda"), an int index) to cpu."""
+    if isinstance(device, torch.device):
+        return torch.device("cpu") if device.type == "cuda" else device
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, int) and not isinstance(device, bool):
+        return "cpu"  # a bare index means a CUDA device to torch
+    return device
+
+
+class _Stream:
+    """A CUDA stream stand-in: work on CPU is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> "_Event":
+        return event or _Event()
+
+
+class _Event:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+def _make_cuda_on_cpu() -> types.SimpleNamespace:
+    stream = _Stream()
+    ns = types.SimpleNamespace(
+        is_available=lambda: False,
+        device_count=lambda: 0,
+        current_device=lambda: "cpu",
+        set_device=lambda device: None,
+        synchronize=lambda device=None: None,
+        current_stream=lambda device=None: stream,
+        default_stream=lambda device=None: stream,
+        Stream=_Stream,
+        Event=_Event,
+        stream=lambda s=None: contextlib.nullcontext(),
+        # "the CUDA RNG" of a CPU process is the CPU RNG
+        get_rng_state=lambda device="cuda": torch.get_rng_state(),
+        set_rng_state=lambda state, device="cuda": torch.set_rng_state(state),
+        manual_seed=lambda seed: torch.manual_seed(seed),
+        memory_allocated=lambda device=None: 0,
+        max_memory_allocated=lambda device=None: 0,
+        memory_reserved=lambda device=None: 0,
+        empty_cache=lambda: None,
+        nvtx=types.SimpleNamespace(range_push=lambda msg: None, range_pop=lambda: None),
+        FloatTensor=torch.FloatTensor,
+        HalfTensor=torch.HalfTensor,
+        BFloat16Tensor=torch.BFloat16Tensor,
+        IntTensor=torch.IntTensor,
+        LongTensor=torch.LongTensor,
+    )
+    return ns
+
+
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
+    "empty_like", "zeros_like", "ones_like", "full_like", "as_tensor", "empty_strided",
+)
+
+
+def _device_mapped(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _TorchOnCpu(types.ModuleType):
+    """``torch`` as one megatron module sees it on a CPU machine (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _make_cuda_on_cpu()
+        for name in _FACTORIES:
+            setattr(self, name, _device_mapped(getattr(torch, name)))
+        self.device = _CpuDevice
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+class _CpuDeviceMeta(type):
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, torch.device)
+
+
+class _CpuDevice(metaclass=_CpuDeviceMeta):
+    """``torch.device(...)`` with CUDA specs mapped to the CPU; isinstance checks still work."""
+
+    def __new__(cls, *args: Any) -> torch.device:  # type: ignore[misc]
+        if args and isinstance(args[0], str) and args[0].startswith("cuda"):
+            return torch.device("cpu")
+        return torch.device(*args)
+
+
+# --------------------------------------------------------------------------------------
+# Function replacements
+# --------------------------------------------------------------------------------------
+
+
+def _tensor_cuda_is_identity(method: Callable) -> Callable:
+    """Run ``method`` with ``Tensor.cuda()`` returning the tensor itself (it would raise here)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original  # type: ignore[method-assign]
+
+    return wrapper
+
+
+def _get_rng_state_cpu(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_rng_state_cpu(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+# --------------------------------------------------------------------------------------
+# The patch list
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One patch: ``module`` (and, for a replacement, ``attribute``) and why it is needed."""
+
+    module: str
+    why: str
+    attribute: str | None = None  # None: CUDA-to-CPU redirection of the module's ``torch``
+    wrap: Callable[[Callable], Callable] | None = None  # original -> replacement
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch("megatron.core.tensor_parallel.random",
+          "model_parallel_cuda_manual_seed and the RNG tracker call torch.cuda.manual_seed and "
+          "torch.cuda.get_rng_state: on CPU the tracker keeps CPU RNG states instead"),
+    Patch("megatron.core.tensor_parallel.random",
+          "_get_cuda_rng_state reads torch.cuda.default_generators (the RNG tracker's fork() "
+          "and activation recomputation use it)",
+          "_get_cuda_rng_state", lambda original: _get_rng_state_cpu),
+    Patch("megatron.core.tensor_parallel.random",
+          "_set_cuda_rng_state writes torch.cuda.default_generators via torch.cuda._lazy_call",
+          "_set_cuda_rng_state", lambda original: _set_rng_state_cpu),
+    Patch("megatron.core.models.common.embeddings.rotary_pos_embedding",
+          "RotaryEmbedding moves inv_freq to torch.cuda.current_device()"),
+    Patch("megatron.core.utils",
+          "GlobalMemoryBuffer (used by tensor-parallel linear layers) allocates on "
+          "torch.cuda.current_device(); local_multi_tensor_l2_norm uses device='cuda'"),
+    Patch("megatron.core.transformer.utils",
+          "get_default_causal_mask builds the attention mask with device='cuda'"),
+    Patch("megatron.core.pipeline_parallel.schedules",
+          "the schedules count tokens in tensors made with device='cuda' (even at PP1)"),
+    Patch("megatron.core.pipeline_parallel.p2p_communication",
+          "point-to-point sends between pipeline stages exchange shapes and buffers allocated on "
+          "torch.cuda.current_device()"),
+    Patch("megatron.core.dist_checkpointing.strategies.filesystem_async",
+          "the torch_dist writer calls torch.cuda.synchronize() before copying tensors to host"),
+    Patch("megatron.core.dist_checkpointing.strategies.state_dict_saver",
+          "finishing a save all-reduces the write-failure flags in a tensor on torch.cuda.current_device()"),
+    Patch("megatron.core.distributed.param_and_grad_buffer",
+          "DDP's contiguous param/grad buffers are allocated on torch.cuda.current_device()"),
+    Patch("megatron.core.models.common.language_module.language_module",
+          "with tied embeddings at PP>1, setup_embeddings_and_output_layer moves the last stage's "
+          "copy of the embedding to the GPU with Tensor.cuda() before all-reducing it",
+          "LanguageModule.setup_embeddings_and_output_layer", _tensor_cuda_is_identity),
+)
+
+
+def apply(force: bool = False) -> bool:
+    """Apply every patch once, only when no CUDA device is present. Returns True if applied.
+
+    ``force=True`` applies them even with a GPU present (tests only).
+    """
+    global _APPLIED
+    if _APPLIED:
+        return True
+    if torch.cuda.is_available() and not force:
+        return False
+    shim = _TorchOnCpu()
+    for patch in PATCHES:
+        module = importlib.import_module(patch.module)
+        if patch.attribute is None:
+            module.torch = shim
+            continue
+        *owner_path, name = patch.attribute.split(".")
+        owner = functools.reduce(getattr, owner_path, module)
+        setattr(owner, name, patch.wrap(getattr(owner, name)))
+    _APPLIED = True
+    return True
