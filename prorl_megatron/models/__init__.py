@@ -1,0 +1,1 @@
+"""Megatron-Core GPT models built from Hugging Face configs, and their forward/logprob passes."""
