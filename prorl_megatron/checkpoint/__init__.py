@@ -1,0 +1,1 @@
+"""Checkpoints: the HF <-> Megatron mapping, HF safetensors I/O, megatron dist checkpoints."""
