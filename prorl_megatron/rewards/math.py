@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -13,6 +14,7 @@ def _timeout(seconds: float) -> int | None:
     return max(1, int(round(seconds))) if threading.current_thread() is threading.main_thread() else None
 
 
+@functools.lru_cache(maxsize=4096)  # a GRPO group's n samples share one ground truth
 def parse_gold(answer: str) -> Any:
     from math_verify import parse
 
@@ -28,7 +30,7 @@ def score_math(final: str, ground_truth: dict, ctx: VerifyContext = VerifyContex
     """
     from math_verify import parse, verify
 
-    gold = parse_gold(str(ground_truth["answer"]))
+    gold = list(parse_gold(str(ground_truth["answer"])))
     if not gold:
         return Score.zero("unparseable ground truth", answer=ground_truth["answer"])
     boxed = last_boxed(final)

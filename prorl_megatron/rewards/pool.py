@@ -48,11 +48,21 @@ class PoolSettings:
     timeout_s: float = 10.0  # per sample; code gets this plus each test's wall limit
     strip_think: bool = True
     allow_unsandboxed: bool = False
+    isolate: bool = True  # False: rewards.code_sandbox=none (needs allow_unsandboxed)
     limits: Limits = Limits()
     extra_verifiers: tuple[tuple[str, str], ...] = ()  # more (domain, "module:function") pairs
 
     def verifiers(self) -> dict[str, str]:
         return {**VERIFIERS, **dict(self.extra_verifiers)}
+
+
+def pool_settings(rewards: Any) -> PoolSettings:
+    """PoolSettings from the recipe's ``rewards`` section (:class:`prorl_megatron.config.RewardsConfig`)."""
+    limits = Limits(cpu_s=rewards.code_cpu_s, wall_s=max(rewards.code_cpu_s * 2, 1.0),
+                    memory_mib=rewards.code_memory_mib)
+    return PoolSettings(timeout_s=rewards.timeout_s, strip_think=rewards.strip_think,
+                        allow_unsandboxed=rewards.allow_unsandboxed, isolate=rewards.code_sandbox == "bwrap",
+                        limits=limits)
 
 
 def load_verifier(path: str):
@@ -84,7 +94,7 @@ def _worker(conn: Connection, settings: PoolSettings, uid: int) -> None:
         index, request = message
         try:
             if request.domain in NEEDS_SANDBOX and sandbox is None:
-                sandbox = Sandbox(settings.limits, settings.allow_unsandboxed, uid=uid)
+                sandbox = Sandbox(settings.limits, settings.allow_unsandboxed, uid=uid, isolate=settings.isolate)
             score = score_one(request, settings, sandbox)
         except Exception as e:  # a verifier bug or bad ground truth must not end the batch
             score = Score.zero(f"verifier error: {type(e).__name__}: {e}"[:500])
@@ -125,7 +135,7 @@ class RewardPool:
         if workers < 1:
             raise ValueError(f"workers: expected >= 1, got {workers}")
         if code:  # refuse up front, in the trainer, rather than zero every code sample later
-            Sandbox(settings.limits, settings.allow_unsandboxed, uid=SANDBOX_UID_BASE)
+            Sandbox(settings.limits, settings.allow_unsandboxed, uid=SANDBOX_UID_BASE, isolate=settings.isolate)
         self.settings = settings
         self._ctx = mp.get_context("spawn")  # never fork a process that holds threads or CUDA state
         self._uids = [SANDBOX_UID_BASE + i for i in range(workers)]

@@ -52,3 +52,18 @@ def test_failing_verifiers_yield_zero_and_are_counted(pool):
         assert pool.failures[kind] == before.get(kind, 0) + 1, kind
     # the pool still works after replacing its workers
     assert [s.reward for s in pool.score([ScoreRequest("math", "\\boxed{3}", {"answer": "3"})])] == [1.0]
+
+
+def test_pool_settings_follow_the_recipe():
+    from prorl_megatron.config import RewardsConfig
+    from prorl_megatron.rewards.pool import pool_settings
+
+    settings = pool_settings(RewardsConfig(timeout_s=7.0, code_cpu_s=3.0, code_memory_mib=512))
+    assert settings.timeout_s == 7.0 and settings.isolate and not settings.allow_unsandboxed
+    assert (settings.limits.cpu_s, settings.limits.memory_mib) == (3.0, 512)
+    unsafe = pool_settings(RewardsConfig(code_sandbox="none", allow_unsandboxed=True))
+    assert not unsafe.isolate and unsafe.allow_unsandboxed
+    with RewardPool(1, unsafe) as pool:  # runs the program on the host, with its limits
+        score = pool.score([ScoreRequest("code", "```python\nprint(1)\n```",
+                                         {"style": "stdio", "tests": [{"input": "", "output": "1"}]})])[0]
+        assert score.reward == 1.0 and score.info["sandboxed"] is False
