@@ -75,13 +75,13 @@ def read_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     """Read rank/world/local rank and the rendezvous address from torchrun's or Slurm's variables."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        launcher, rank, world, local = "torchrun", _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE"), \
-            _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        launcher, names = "torchrun", ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        launcher, rank, world = "slurm", _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
-        local = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        launcher, names = "slurm", ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
     else:
-        launcher, rank, world, local = "single", 0, 1, 0
+        launcher, names = "single", ()
+    rank, world, local = (_int_env(env, names[0]), _int_env(env, names[1]),
+                          _int_env(env, names[2]) if names[2] in env else 0) if names else (0, 1, 0)
     if not 0 <= rank < world:
         raise ParallelError(f"rank {rank} is outside a world of size {world} ({launcher} environment)")
     if world > 1 and "MASTER_ADDR" not in env:

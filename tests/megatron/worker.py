@@ -54,7 +54,7 @@ def check_close(name, got, want, atol=2e-5, rtol=1e-4):
         sys.exit(f"MISMATCH {name}: max |diff| {diff:.3g} (shape {list(got.shape)})")
 
 
-def megatron_model(hf_dir, layout):
+def megatron_model(hf_dir):
     dims = model_dims(read_hf_config(hf_dir))
     model = build_gpt_model(dims, FP32, perform_initialization=False)
     reader = HFReader(hf_dir)
@@ -126,7 +126,7 @@ def main() -> None:
     tag = f"TP{args.tp}PP{args.pp}"
     if args.scenario == "parity":
         for hf_dir in args.paths:
-            model, dims = megatron_model(hf_dir, layout)
+            model, dims = megatron_model(hf_dir)
             hf = hf_model(hf_dir)
             check_bit_exact(model, dims, hf_dir, f"{tag} round trip {hf_dir}")
             logprob_parity(model, dims, hf, layout, f"{tag} {dims.architecture} {hf_dir}")
@@ -135,7 +135,7 @@ def main() -> None:
         hf_dir, ckpt = args.paths
         dims = model_dims(read_hf_config(hf_dir))
         if args.scenario == "save":
-            model, dims = megatron_model(hf_dir, layout)
+            model, dims = megatron_model(hf_dir)
             dist_ckpt.save_model(model, ckpt, hf_dir, dist_ckpt.dims_meta(dims))
         else:
             model = build_gpt_model(dims, FP32, perform_initialization=True)
