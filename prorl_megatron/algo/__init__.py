@@ -4,10 +4,11 @@
 - :mod:`~prorl_megatron.algo.losses`: clipped surrogate (decoupled eps, dual clip),
   KL estimators, loss aggregation;
 - :mod:`~prorl_megatron.algo.sampling`: dynamic-sampling filter, pass@k;
-- :mod:`~prorl_megatron.algo.reset`: the reference-reset scheduler.
+- :mod:`~prorl_megatron.algo.reset`: the reference-reset scheduler;
+- :mod:`~prorl_megatron.algo.rollout_correction`: train/rollout logprob mismatch, TIS weights.
 """
 
-from prorl_megatron.algo import advantages, losses, reset, sampling
+from prorl_megatron.algo import advantages, losses, reset, rollout_correction, sampling
 from prorl_megatron.algo.advantages import (
     compute_advantages,
     grpo_advantages,
@@ -16,12 +17,14 @@ from prorl_megatron.algo.advantages import (
 )
 from prorl_megatron.algo.losses import aggregate, kl_penalty, policy_loss
 from prorl_megatron.algo.reset import ResetEvent, ResetScheduler
+from prorl_megatron.algo.rollout_correction import logprob_mismatch, tis_weights
 from prorl_megatron.algo.sampling import keep_informative_groups, pass_at_k
 
 __all__ = [
     "advantages",
     "losses",
     "reset",
+    "rollout_correction",
     "sampling",
     "compute_advantages",
     "grpo_advantages",
@@ -32,6 +35,8 @@ __all__ = [
     "policy_loss",
     "ResetEvent",
     "ResetScheduler",
+    "logprob_mismatch",
+    "tis_weights",
     "keep_informative_groups",
     "pass_at_k",
 ]
