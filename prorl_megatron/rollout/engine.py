@@ -1,0 +1,155 @@
+"""A thin adapter over ``vllm.LLM``, colocated with training in the same torch.distributed world.
+
+Every process of the job holds its part of one engine (``distributed_executor_backend=
+"external_launcher"``): engine TP x DP = world size, so the engine's TP may differ from
+training's. Sampled logprobs are those of the *sampling* distribution (``logprobs_mode=
+"processed_logprobs"``: after temperature and top-p), which is what the trainer's logprobs
+at the same temperature are compared with. On GPU the engine sleeps between rollouts (weights
+and KV cache released for training); sleep mode does not exist on CPU, which is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from prorl_megatron.config import PrecisionConfig, RolloutConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One sampled response."""
+
+    response_ids: list[int]
+    logprobs: list[float]  # per response token, under the sampling distribution
+    finish_reason: str  # "stop" (EOS or a stop sequence) | "length" (max tokens: truncated)
+    text: Optional[str] = None  # None when the engine has no tokenizer
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+class WeightLoadError(RuntimeError):
+    """A weight stream did not hold exactly the engine's tensors; the message names them."""
+
+
+class RolloutEngine:
+    """vLLM engine built from the recipe; every rank of the world constructs it together."""
+
+    def __init__(self, hf_dir: str, rollout: RolloutConfig, precision: PrecisionConfig, seed: int,
+                 world_size: Optional[int] = None, tokenizer: bool = True) -> None:
+        from prorl_megatron.checkpoint.hf_io import HFReader
+
+        # the tensors every weight update must bring (a tied lm_head is not a separate tensor)
+        self.expected_names = set(HFReader(hf_dir).names())
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:  # in-process engine; the KV cache size must be explicit on CPU
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(rollout.cpu_kvcache_gib))))
+        from vllm import LLM
+
+        world = world_size or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+        tp = rollout.engine_tensor_parallel
+        if world % tp:
+            raise ValueError(f"rollout.engine_tensor_parallel {tp} does not divide the world size {world}")
+        self.sleep_mode = on_gpu and rollout.sleep_between_rollouts
+        if rollout.sleep_between_rollouts and not on_gpu:
+            log.info("vLLM sleep mode is not supported on CPU: the engine stays resident between rollouts")
+        self.data_parallel = world // tp
+        self.rollout = rollout
+        self.llm = LLM(
+            model=hf_dir,
+            tokenizer=hf_dir if tokenizer else None,
+            skip_tokenizer_init=not tokenizer,
+            dtype=precision.params_dtype,
+            tensor_parallel_size=tp,
+            data_parallel_size=self.data_parallel,
+            distributed_executor_backend="external_launcher",
+            seed=seed,
+            max_model_len=rollout.max_prompt_tokens + rollout.max_response_tokens,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
+            enable_sleep_mode=self.sleep_mode,
+            enforce_eager=not on_gpu,
+            logprobs_mode="processed_logprobs",
+        )
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: Optional[int] = None,
+                 temperature: Optional[float] = None, max_tokens: Optional[int] = None,
+                 seed: Optional[int] = None, stop_token_ids: Sequence[int] = ()) -> list[list[Rollout]]:
+        """``n`` samples for each prompt (token ids); recipe values unless overridden.
+
+        ``seed`` makes the request's sampling reproducible (prompt i uses seed + i).
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        cfg = self.rollout
+
+        def params(i: int) -> SamplingParams:
+            return SamplingParams(
+                n=n or cfg.n, temperature=cfg.temperature if temperature is None else temperature,
+                top_p=cfg.top_p, max_tokens=max_tokens or cfg.max_response_tokens, logprobs=0,
+                stop=list(cfg.stop) or None, stop_token_ids=list(stop_token_ids) or None,
+                seed=None if seed is None else seed + i,
+            )
+
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(requests, [params(i) for i in range(len(requests))], use_tqdm=False)
+        result = []
+        for out in outputs:
+            samples = []
+            for c in out.outputs:
+                logprobs = [entry[token].logprob for token, entry in zip(c.token_ids, c.logprobs)]
+                samples.append(Rollout(list(c.token_ids), logprobs, c.finish_reason or "length", c.text or None))
+            result.append(samples)
+        return result
+
+    def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Logprob of each token given its prefix (temperature 1), positions 1..len-1."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params,
+                                    use_tqdm=False)
+        return [[entry[token].logprob for token, entry in zip(seq[1:], out.prompt_logprobs[1:])]
+                for seq, out in zip(sequences, outputs)]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights in place from HF-named full tensors (a stream).
+
+        Raises :class:`WeightLoadError` if the stream missed one of the engine's tensors or
+        brought one it does not have (the engine's weights are then not to be trusted).
+        """
+        seen: list[str] = []
+
+        def recorded():
+            for name, tensor in named_tensors:
+                seen.append(name)
+                yield name, tensor
+
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner.reload_weights(weights_iterator=recorded(), is_checkpoint_format=True)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        got = set(seen)
+        missing = sorted(self.expected_names - got - {"lm_head.weight"})
+        unexpected = sorted(got - self.expected_names - {"lm_head.weight"})
+        if missing or unexpected or len(seen) != len(got):
+            twice = sorted({n for n in seen if seen.count(n) > 1})
+            raise WeightLoadError(f"weight update does not match the engine's model: missing {missing}, "
+                                  f"unexpected {unexpected}, sent twice {twice}")
+
+    def sleep(self) -> None:
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
