@@ -89,6 +89,7 @@ class RolloutConfig:
     truncated: Literal["zero_reward", "mask", "keep"] = "zero_reward"  # overlong responses
     tis_cap: Optional[float] = None  # truncated importance sampling cap C; None: off
     check_sync_every: int = 0  # engine-vs-policy logprob parity check every N steps; 0: never
+    sync_bucket_mib: int = 256  # weight sync moves full tensors in buckets of at most this size
 
 
 @dataclass
@@ -232,6 +233,7 @@ class Recipe:
             "rollout.max_prompt_tokens": self.rollout.max_prompt_tokens,
             "rollout.max_response_tokens": self.rollout.max_response_tokens,
             "rollout.engine_tensor_parallel": self.rollout.engine_tensor_parallel,
+            "rollout.sync_bucket_mib": self.rollout.sync_bucket_mib,
             "algo.max_sampling_rounds": self.algo.max_sampling_rounds,
             "train.steps": self.train.steps,
             "train.prompts_per_step": self.train.prompts_per_step,

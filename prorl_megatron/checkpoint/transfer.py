@@ -9,6 +9,7 @@ its TP shards) beyond the model itself.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable, Iterator, Optional
 
@@ -99,41 +100,88 @@ def _value_or_grad(name: str, param: torch.nn.Parameter, grads: bool) -> torch.T
     return grad.detach()
 
 
+def _owner_stage(rule: M.Rule, dims: ModelDims, pp_size: int) -> int:
+    if rule.layer is not None:
+        return rule.layer // (dims.num_layers // pp_size)
+    return 0 if rule.mcore.startswith("embedding.") else pp_size - 1
+
+
+def _buckets(rules: list[M.Rule], dims: ModelDims, pp_size: int, bucket_bytes: int,
+             element_size: int) -> Iterator[list[M.Rule]]:
+    """Consecutive rules of one owning stage, up to ``bucket_bytes`` of full tensors each."""
+    bucket: list[M.Rule] = []
+    size = 0
+    for rule in rules:
+        nbytes = math.prod(M.mcore_shape(rule, dims)) * element_size
+        if bucket and (size + nbytes > bucket_bytes
+                       or _owner_stage(rule, dims, pp_size) != _owner_stage(bucket[0], dims, pp_size)):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(rule)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
 def export_hf_weights(model: torch.nn.Module, dims: ModelDims, dtype: Optional[torch.dtype] = None,
-                      grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                      grads: bool = False, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full tensor)`` for the whole model, in HF order, on every rank.
 
     Collective: every rank of the model-parallel group must iterate to the end together.
-    Each tensor is all-gathered over TP on its owning stage and broadcast over PP from it.
-    ``grads=True`` exports the parameters' gradients (``main_grad`` under megatron DDP,
-    else ``.grad``) in the same layout instead of the weights.
+    Tensors travel in buckets of at most ``bucket_bytes`` of full tensors (one larger tensor
+    forms a bucket of its own): one TP all-gather of the bucket's flattened shards on its
+    owning pipeline stage, one PP broadcast of the flattened full tensors from it. So beyond
+    the model, a bucket is the most that exists at once. ``grads=True`` exports the
+    parameters' gradients (``main_grad`` under megatron DDP, else ``.grad``, as float32)
+    in the same layout instead of the weights.
     """
     from megatron.core import parallel_state as ps
 
     tp_rank, tp_size, pp_rank, pp_size = _parallel_coords(None)
     params = dict(model.named_parameters())
-    per_stage = dims.num_layers // pp_size
     device = next(iter(params.values())).device
-    param_dtype = next(iter(params.values())).dtype
-    local_names = {rule.mcore: local for rule, local in M.stage_rules(dims, pp_rank, pp_size, te_names(model))}
-    for rule in M.rules(dims, te_names(model)):
-        if rule.layer is not None:
-            owner = rule.layer // per_stage
-        else:
-            owner = 0 if rule.mcore.startswith("embedding.") else pp_size - 1
+    wire_dtype = torch.float32 if grads else next(iter(params.values())).dtype
+    fused = te_names(model)
+    local_names = {rule.mcore: local for rule, local in M.stage_rules(dims, pp_rank, pp_size, fused)}
+    element_size = torch.empty((), dtype=wire_dtype).element_size()
+    for bucket in _buckets(M.rules(dims, fused), dims, pp_size, bucket_bytes, element_size):
+        owner = _owner_stage(bucket[0], dims, pp_size)
+        shapes = [M.mcore_shape(rule, dims) for rule in bucket]
         if pp_rank == owner:
-            local = _value_or_grad(local_names[rule.mcore], params[local_names[rule.mcore]], grads)
-            if tp_size > 1 and rule.kind != "replicated":
-                shards = [torch.empty_like(local) for _ in range(tp_size)]
-                dist.all_gather(shards, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-                full = M.unshard(rule, shards)
-                del shards
-            else:
-                full = local
+            locals_ = [_value_or_grad(local_names[r.mcore], params[local_names[r.mcore]], grads).to(wire_dtype)
+                       for r in bucket]
+            fulls = _gather_tp(bucket, locals_, tp_size, ps) if tp_size > 1 else locals_
         else:
-            full = torch.empty(M.mcore_shape(rule, dims), dtype=param_dtype, device=device)
+            fulls = [torch.empty(shape, dtype=wire_dtype, device=device) for shape in shapes]
         if pp_size > 1:
+            flat = torch.cat([f.reshape(-1) for f in fulls]) if pp_rank == owner else \
+                torch.empty(sum(math.prod(s) for s in shapes), dtype=wire_dtype, device=device)
             group = ps.get_pipeline_model_parallel_group()
-            dist.broadcast(full, src=dist.get_global_rank(group, owner), group=group)
-        for name, tensor in M.to_hf(rule, full, dims):
-            yield name, tensor if dtype is None else tensor.to(dtype)
+            dist.broadcast(flat, src=dist.get_global_rank(group, owner), group=group)
+            fulls = [piece.view(shape) for piece, shape in
+                     zip(flat.split([math.prod(s) for s in shapes]), shapes)]
+        for rule, full in zip(bucket, fulls):
+            for name, tensor in M.to_hf(rule, full, dims):
+                yield name, tensor if dtype is None else tensor.to(dtype)
+        del fulls
+
+
+def _gather_tp(bucket: list[M.Rule], locals_: list[torch.Tensor], tp_size: int, ps) -> list[torch.Tensor]:
+    """Full tensors of a bucket from every TP rank's shards, with one all-gather."""
+    split = [r.kind != "replicated" for r in bucket]
+    sharded = [t.reshape(-1) for t, s in zip(locals_, split) if s]
+    if not sharded:
+        return locals_
+    flat = torch.cat(sharded)
+    gathered = [torch.empty_like(flat) for _ in range(tp_size)]
+    dist.all_gather(gathered, flat, group=ps.get_tensor_model_parallel_group())
+    sizes = [t.numel() for t in sharded]
+    per_rank = [g.split(sizes) for g in gathered]  # [rank][tensor]
+    out, k = [], 0
+    for rule, local, is_split in zip(bucket, locals_, split):
+        if is_split:
+            out.append(M.unshard(rule, [per_rank[r][k].view(local.shape) for r in range(tp_size)]))
+            k += 1
+        else:
+            out.append(local)
+    return out

@@ -1,11 +1,11 @@
 """Policy weights -> vLLM after every update, and the check that they arrived.
 
 The contract is one iterator of (HF name, full tensor): :func:`prorl_megatron.checkpoint.
-transfer.export_hf_weights` all-gathers each tensor over training TP on its pipeline stage,
-broadcasts it over PP and unfuses QKV / gate-up with the shared mapping table; the engine
-loads the stream in place (each engine rank keeps only its own TP shard of each tensor). The
-stream is consumed tensor by tensor, so beyond the model itself at most one full tensor (plus
-its TP shards) exists at a time. The engine must be awake (GPU sleep mode) while loading.
+transfer.export_hf_weights` moves the policy in buckets of bounded size — one TP all-gather
+on the owning pipeline stage and one PP broadcast per bucket — and unfuses QKV / gate-up with
+the shared mapping table; the engine loads the stream in place (each engine rank keeps only
+its own TP shard of each tensor). Beyond the model itself, one bucket is the most that exists
+at a time. The engine must be awake (GPU sleep mode) while loading.
 """
 
 from __future__ import annotations
@@ -32,13 +32,17 @@ class SyncStats:
     seconds: float
 
 
-def sync_weights(model: Any, dims: ModelDims, engine: Any, dtype: str) -> SyncStats:
-    """Stream the policy's weights into the engine (collective over the whole world)."""
+def sync_weights(model: Any, dims: ModelDims, engine: Any, dtype: str, bucket_bytes: int = 256 << 20) -> SyncStats:
+    """Stream the policy's weights into the engine (collective over the whole world).
+
+    ``dtype``: the engine's dtype (e.g. the recipe's ``precision.params_dtype``);
+    ``bucket_bytes``: the recipe's ``rollout.sync_bucket_mib`` in bytes.
+    """
     start = time.perf_counter()
     counted = {"tensors": 0, "bytes": 0}
 
     def stream():
-        for name, tensor in export_hf_weights(model, dims, dtype=torch_dtype(dtype)):
+        for name, tensor in export_hf_weights(model, dims, dtype=torch_dtype(dtype), bucket_bytes=bucket_bytes):
             counted["tensors"] += 1
             counted["bytes"] += tensor.numel() * tensor.element_size()
             yield name, tensor

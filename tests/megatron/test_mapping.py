@@ -131,3 +131,20 @@ def test_dims_of_the_1p5b_target():
                              max_position_embeddings=131072, rope_parameters={"rope_theta": 10000.0}))
     assert (dims.head_dim, dims.heads_per_group, dims.padded_vocab_size) == (128, 6, 151936)
     assert dims.qkv_bias and not dims.qk_norm
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 30_000, 10**9])
+@pytest.mark.parametrize("pp", [1, 2])
+def test_sync_buckets_are_bounded_ordered_and_stay_on_one_stage(bucket_bytes, pp):
+    from prorl_megatron.checkpoint.transfer import _buckets, _owner_stage
+
+    dims = model_dims(config(tie_word_embeddings=False))
+    all_rules = M.rules(dims)
+    buckets = list(_buckets(all_rules, dims, pp, bucket_bytes, element_size=4))
+    assert [r for b in buckets for r in b] == all_rules
+    for bucket in buckets:
+        size = sum(4 * torch.Size(M.mcore_shape(r, dims)).numel() for r in bucket)
+        assert size <= bucket_bytes or len(bucket) == 1
+        assert len({_owner_stage(r, dims, pp) for r in bucket}) == 1
+    if bucket_bytes == 10**9:
+        assert len(buckets) == pp

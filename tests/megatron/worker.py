@@ -101,11 +101,11 @@ def grad_parity(hf_dir, dims, hf, layout):
     assert seen == len(hf_grads) - (1 if "lm_head.weight" in hf_grads and dims.tied_embeddings else 0), seen
 
 
-def check_bit_exact(model, dims, hf_dir, label):
+def check_bit_exact(model, dims, hf_dir, label, bucket_bytes=256 << 20):
     """Every HF tensor gathered from the sharded model equals the original, bit for bit."""
     reader = HFReader(hf_dir)
     names = []
-    for name, tensor in export_hf_weights(model, dims):
+    for name, tensor in export_hf_weights(model, dims, bucket_bytes=bucket_bytes):
         want = reader.get(name)
         if tensor.dtype != want.dtype or not torch.equal(tensor, want):
             sys.exit(f"MISMATCH {label}: {name}")
@@ -129,6 +129,9 @@ def main() -> None:
             model, dims = megatron_model(hf_dir)
             hf = hf_model(hf_dir)
             check_bit_exact(model, dims, hf_dir, f"{tag} round trip {hf_dir}")
+            # one tensor per bucket, and buckets of a few tensors
+            check_bit_exact(model, dims, hf_dir, f"{tag} round trip, 1-byte buckets", bucket_bytes=1)
+            check_bit_exact(model, dims, hf_dir, f"{tag} round trip, 40 kB buckets", bucket_bytes=40_000)
             logprob_parity(model, dims, hf, layout, f"{tag} {dims.architecture} {hf_dir}")
             grad_parity(hf_dir, dims, hf, layout)
     else:

@@ -81,7 +81,7 @@ def main() -> None:
     check_sync(model, dims, engine, PROMPTS, atol=1e-4)  # the same weights before any update
     update(model, dims)
     before = engine.prompt_logprobs(PROMPTS)
-    stats = sync_weights(model, dims, engine, "float32")
+    stats = sync_weights(model, dims, engine, "float32", bucket_bytes=64 << 10)  # several buckets
     diff = check_sync(model, dims, engine, PROMPTS, atol=1e-4)
     after = engine.prompt_logprobs(PROMPTS)
     moved = max(abs(a - b) for x, y in zip(before, after) for a, b in zip(x, y))
