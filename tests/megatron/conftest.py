@@ -18,6 +18,8 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("hf")
     models = {v: make_tiny_hf(v, base / v, seed=i) for i, v in enumerate(VARIANTS)}
     models["sharded"] = make_tiny_hf("qwen2_tied", base / "sharded", seed=11, max_shard_size="100KB")
+    models["llama_mid"] = make_tiny_hf("llama", base / "llama_mid", seed=12, vocab_size=1000, hidden_size=256,
+                                       intermediate_size=512)
     (models["sharded"] / "tokenizer_config.json").write_text('{"model_max_length": 256}\n')
     return models
 

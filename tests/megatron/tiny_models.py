@@ -17,7 +17,7 @@ VARIANTS = {
 
 def make_tiny_hf(variant: str, directory: str | Path, seed: int = 0, num_layers: int = 4,
                  vocab_size: int = 200, dtype: torch.dtype = torch.float32,
-                 max_shard_size: str | None = None) -> Path:
+                 max_shard_size: str | None = None, hidden_size: int = 64, intermediate_size: int = 96) -> Path:
     """Save a random tiny model of ``variant`` into ``directory``; return it.
 
     Vocabulary 200 is padded to 256 by Megatron, so the padding path is always exercised.
@@ -29,7 +29,8 @@ def make_tiny_hf(variant: str, directory: str | Path, seed: int = 0, num_layers:
     config_cls = {"Qwen2ForCausalLM": transformers.Qwen2Config, "LlamaForCausalLM": transformers.LlamaConfig,
                   "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
     config = config_cls(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
         architectures=[arch], **extra,
     )

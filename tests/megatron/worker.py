@@ -8,6 +8,8 @@ Scenarios (each exits non-zero with a message on the first mismatch):
   of a weighted logprob sum (megatron DDP, finalize_model_grads) equal HF's.
 - ``save CKPT``: load HF weights and save a dist checkpoint to CKPT (one HF_DIR).
 - ``load CKPT``: load CKPT at this layout; its logprobs equal HF's (one HF_DIR).
+- ``bucket-memory``: the peak of memory allocated while exporting the model for weight sync
+  is bounded by the bucket size (torch profiler's allocation events).
 """
 
 from __future__ import annotations
@@ -115,11 +117,26 @@ def check_bit_exact(model, dims, hf_dir, label, bucket_bytes=256 << 20):
         sys.exit(f"MISMATCH {label}: names differ: {sorted(set(expected) ^ set(names))}")
 
 
+def export_peak_bytes(model, dims, bucket_bytes):
+    """Peak bytes allocated (and not yet freed) while iterating the weight-sync export."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in export_hf_weights(model, dims, bucket_bytes=bucket_bytes):
+            pass
+    running = peak = 0
+    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if event.name() == "[memory]":
+            running += event.nbytes()
+            peak = max(peak, running)
+    return peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("scenario", choices=["parity", "save", "load"])
+    parser.add_argument("scenario", choices=["parity", "save", "load", "bucket-memory"])
     parser.add_argument("paths", nargs="+")
     args = parser.parse_args()
     layout = init_parallel(args.tp, args.pp, seed=1)
@@ -134,6 +151,20 @@ def main() -> None:
             check_bit_exact(model, dims, hf_dir, f"{tag} round trip, 40 kB buckets", bucket_bytes=40_000)
             logprob_parity(model, dims, hf, layout, f"{tag} {dims.architecture} {hf_dir}")
             grad_parity(hf_dir, dims, hf, layout)
+    elif args.scenario == "bucket-memory":
+        model, dims = megatron_model(args.paths[0])
+        params_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * args.tp
+        largest = max(p.numel() * p.element_size() for p in model.parameters()) * args.tp
+        small = max(largest, 1 << 20)
+        peak_small = export_peak_bytes(model, dims, small)
+        peak_all = export_peak_bytes(model, dims, 1 << 40)
+        # a bucket lives as local shards, gathered shards, full tensors and unfused HF tensors
+        if not (peak_small <= 12 * small and 3 * peak_small <= peak_all):
+            sys.exit(f"MISMATCH bucket {small} B: export peak {peak_small} B (one bucket: {peak_all} B)")
+        if not peak_all >= params_bytes // args.pp:
+            sys.exit(f"MISMATCH one bucket: export peak {peak_all} B below this stage's model size")
+        print(f"bucket {small} B -> peak {peak_small} B; one bucket -> peak {peak_all} B "
+              f"(model {params_bytes} B)")
     else:
         hf_dir, ckpt = args.paths
         dims = model_dims(read_hf_config(hf_dir))
