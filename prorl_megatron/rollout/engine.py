@@ -17,7 +17,9 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from prorl_megatron.checkpoint.hf_io import HFReader
 from prorl_megatron.config import PrecisionConfig, RolloutConfig
+from prorl_megatron.models.architectures import read_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,9 @@ class RolloutEngine:
 
     def __init__(self, hf_dir: str, rollout: RolloutConfig, precision: PrecisionConfig, seed: int,
                  world_size: Optional[int] = None, tokenizer: bool = True) -> None:
-        from prorl_megatron.checkpoint.hf_io import HFReader
-
         # the tensors every weight update must bring (a tied lm_head is not a separate tensor)
         self.expected_names = set(HFReader(hf_dir).names())
+        self.tied_embeddings = bool(getattr(read_hf_config(hf_dir), "tie_word_embeddings", False))
         on_gpu = torch.cuda.is_available()
         if not on_gpu:  # in-process engine; the KV cache size must be explicit on CPU
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -134,6 +135,10 @@ class RolloutEngine:
             for name, tensor in named_tensors:
                 seen.append(name)
                 yield name, tensor
+                if self.tied_embeddings and name == "model.embed_tokens.weight":
+                    # vLLM's in-place reload (0.32) restores each layer separately, which unties a
+                    # tied lm_head and leaves it with the old weights unless it is loaded as well
+                    yield "lm_head.weight", tensor
 
         runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
         runner.reload_weights(weights_iterator=recorded(), is_checkpoint_format=True)

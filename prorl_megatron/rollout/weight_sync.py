@@ -46,10 +46,6 @@ def sync_weights(model: Any, dims: ModelDims, engine: Any, dtype: str, bucket_by
             counted["tensors"] += 1
             counted["bytes"] += tensor.numel() * tensor.element_size()
             yield name, tensor
-            if dims.tied_embeddings and name == "model.embed_tokens.weight":
-                # vLLM's in-place reload (0.32) restores each layer separately, which unties a
-                # tied lm_head and leaves it with the old weights unless it is sent as well
-                yield "lm_head.weight", tensor
 
     engine.wake_up()
     engine.load_weights(stream())
