@@ -33,6 +33,7 @@ VERIFIERS: dict[str, str] = {
 }
 NEEDS_SANDBOX = {"code"}
 SANDBOX_UID_BASE = 61000  # worker i runs code as uid SANDBOX_UID_BASE + i (when root)
+WARM_UP_TIMEOUT_S = 300.0  # importing sympy/math-verify/reasoning-gym in a fresh process
 
 
 @dataclass
@@ -82,8 +83,23 @@ def score_one(request: ScoreRequest, settings: PoolSettings, sandbox: Optional[S
     return load_verifier(verifiers[request.domain])(final, request.ground_truth, ctx)
 
 
+def _warm_up(settings: PoolSettings) -> None:
+    """Import every verifier and parse once, so that no sample's time budget pays for it."""
+    for path in settings.verifiers().values():
+        load_verifier(path)
+    from prorl_megatron.rewards.math import score_math
+
+    score_math("\\boxed{1}", {"answer": "1"})
+
+
 def _worker(conn: Connection, settings: PoolSettings, uid: int) -> None:
     sandbox: Optional[Sandbox] = None
+    try:
+        _warm_up(settings)
+        conn.send("ready")
+    except Exception as e:  # report it: the pool fails loudly at start rather than per sample
+        conn.send(f"warm-up failed: {type(e).__name__}: {e}")
+        return
     while True:
         try:
             message = conn.recv()
@@ -113,6 +129,17 @@ class _Slot:
         self.budget_s = 0.0
         self.deadline = 0.0
 
+    def wait_ready(self) -> "_Slot":
+        """Block until the worker has warmed up; raise if it cannot start."""
+        if not self.conn.poll(WARM_UP_TIMEOUT_S):
+            self.stop(kill=True)
+            raise RuntimeError(f"a reward worker did not start within {WARM_UP_TIMEOUT_S:.0f} s")
+        status = self.conn.recv()
+        if status != "ready":
+            self.stop(kill=True)
+            raise RuntimeError(f"a reward worker could not start: {status}")
+        return self
+
     def stop(self, kill: bool = False) -> None:
         if kill:
             self.process.kill()
@@ -139,7 +166,9 @@ class RewardPool:
         self.settings = settings
         self._ctx = mp.get_context("spawn")  # never fork a process that holds threads or CUDA state
         self._uids = [SANDBOX_UID_BASE + i for i in range(workers)]
-        self._slots = [_Slot(self._ctx, settings, uid) for uid in self._uids]
+        self._slots = [_Slot(self._ctx, settings, uid) for uid in self._uids]  # they warm up in parallel
+        for slot in self._slots:
+            slot.wait_ready()
         self.failures: collections.Counter[str] = collections.Counter()
 
     def _budget_s(self, request: ScoreRequest) -> float:
@@ -155,7 +184,7 @@ class RewardPool:
 
     def _replace(self, i: int) -> None:
         self._slots[i].stop(kill=True)
-        self._slots[i] = _Slot(self._ctx, self.settings, self._uids[i])
+        self._slots[i] = _Slot(self._ctx, self.settings, self._uids[i]).wait_ready()
 
     def score(self, requests: list[ScoreRequest]) -> list[Score]:
         """Scores for ``requests``, in order (see the module docstring for failures)."""
@@ -187,6 +216,7 @@ class RewardPool:
                     except (EOFError, OSError):
                         pass  # died while answering: handled below
                 if not slot.process.is_alive() or slot.conn in ready:
+                    slot.process.join(timeout=5)  # reap it, so that its exit code is known
                     code = slot.process.exitcode
                     results[task] = self._fail("crash", f"verifier process died (exit code {code})", requests[task])
                     slot.task = None
