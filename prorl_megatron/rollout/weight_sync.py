@@ -62,16 +62,15 @@ def check_sync(model: Any, dims: ModelDims, engine: Any, probe: Sequence[Sequenc
     """
     engine_lp = engine.prompt_logprobs(probe)
     length = max(len(p) for p in probe)
-    worst = torch.zeros(())
-    batches = [MicroBatch(torch.tensor([list(p)], dtype=torch.long)) for p in probe]
+    device = next(model.parameters()).device
+    worst = torch.zeros((), device=device)
+    batches = [MicroBatch(torch.tensor([list(p)], dtype=torch.long, device=device)) for p in probe]
     with torch.no_grad():
         policy_lp = run_microbatches(model, batches, vocab_size=dims.vocab_size)
     if policy_lp:  # only the last pipeline stage has logprobs
         for got, want in zip(policy_lp, engine_lp):
-            diff = (got[0].float() - torch.tensor(want, dtype=torch.float32)).abs().max()
+            diff = (got[0].float() - torch.tensor(want, dtype=torch.float32, device=device)).abs().max()
             worst = torch.maximum(worst, diff)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    worst = worst.to(device)
     torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
     value = float(worst)
     if not value <= atol:
