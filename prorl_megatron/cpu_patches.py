@@ -181,6 +181,33 @@ def _tensor_cuda_is_identity(method: Callable) -> Callable:
     return wrapper
 
 
+def _tensor_type_reports_cuda(method: Callable) -> Callable:
+    """Run ``method`` with ``Tensor.type()`` naming CPU tensors as their CUDA types.
+
+    megatron's mixed-precision optimizer sorts parameters by type strings such as
+    ``'torch.cuda.BFloat16Tensor'``; on CPU the same tensors are ``'torch.BFloat16Tensor'``.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.type
+
+        def cuda_type(self: torch.Tensor, *a: Any, **k: Any) -> Any:
+            result = original(self, *a, **k)
+            if not a and not k and isinstance(result, str) and result.startswith("torch.") \
+                    and not result.startswith("torch.cuda."):
+                return "torch.cuda." + result[len("torch."):]
+            return result
+
+        torch.Tensor.type = cuda_type  # type: ignore[method-assign]
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original  # type: ignore[method-assign]
+
+    return wrapper
+
+
 def _get_rng_state_cpu(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     return torch.get_rng_state()
 
@@ -237,6 +264,19 @@ PATCHES: tuple[Patch, ...] = (
           "with tied embeddings at PP>1, setup_embeddings_and_output_layer moves the last stage's "
           "copy of the embedding to the GPU with Tensor.cuda() before all-reducing it",
           "LanguageModule.setup_embeddings_and_output_layer", _tensor_cuda_is_identity),
+    Patch("megatron.core.optimizer.optimizer",
+          "the optimizers keep found-inf flags and loss scales in tensors made with device='cuda'"),
+    Patch("megatron.core.optimizer.optimizer",
+          "Float16OptimizerWithFloat16Params sorts parameters by CUDA type strings "
+          "('torch.cuda.BFloat16Tensor') to decide which get an fp32 main copy",
+          "Float16OptimizerWithFloat16Params.__init__", _tensor_type_reports_cuda),
+    Patch("megatron.core.optimizer.optimizer",
+          "clip_grad_by_total_norm_fp32 asserts every gradient is a 'torch.cuda.FloatTensor'",
+          "clip_grad_by_total_norm_fp32", _tensor_type_reports_cuda),
+    Patch("megatron.core.optimizer.clip_grads",
+          "the gradient norm is all-reduced in a tensor made with device='cuda'"),
+    Patch("megatron.core.optimizer.grad_scaler",
+          "the bf16/fp16 loss scalers keep their scale in tensors made with device='cuda'"),
 )
 
 
