@@ -33,7 +33,7 @@ LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, Any]
 
 
 def _forward_step(batches: list[MicroBatch], loss_fn: Optional[LossFn], vocab_size: int,
-                  temperature: float, chunk_tokens: int):
+                  temperature: float, chunk_tokens: int, with_entropy: bool):
     from megatron.core import parallel_state
 
     iterator = iter(batches)
@@ -47,11 +47,11 @@ def _forward_step(batches: list[MicroBatch], loss_fn: Optional[LossFn], vocab_si
             output = model(ids, positions, None)  # last stage: hidden [S, B, H]
 
         def reduce(output_tensor: torch.Tensor, non_loss_data: bool = False):
-            logprobs = logprobs_from_hidden(model, output_tensor, next_token_labels(ids), vocab_size,
-                                            temperature, chunk_tokens)[:, :-1]  # [B, S-1]
-            if loss_fn is None:
-                return logprobs.detach()
-            return loss_fn(logprobs, batch)
+            result = logprobs_from_hidden(model, output_tensor, next_token_labels(ids), vocab_size,
+                                          temperature, chunk_tokens, with_entropy and loss_fn is None)
+            if loss_fn is None:  # [B, S-1], or [2, B, S-1] with the entropy
+                return result[..., :-1].detach()
+            return loss_fn(result[:, :-1], batch)
 
         return output, reduce
 
@@ -59,11 +59,13 @@ def _forward_step(batches: list[MicroBatch], loss_fn: Optional[LossFn], vocab_si
 
 
 def run_microbatches(model: Any, batches: list[MicroBatch], *, vocab_size: int, loss_fn: Optional[LossFn] = None,
-                     forward_only: bool = False, temperature: float = 1.0, chunk_tokens: int = 4096) -> list[Any]:
+                     forward_only: bool = False, temperature: float = 1.0, chunk_tokens: int = 4096,
+                     with_entropy: bool = False) -> list[Any]:
     """Run every micro-batch through the pipeline schedule; return per-micro-batch results.
 
     With ``loss_fn=None`` (forward only) the result on the last stage is each micro-batch's
-    logprobs [B, S-1]; with a ``loss_fn`` it is each report dict, and (unless
+    logprobs [B, S-1] (with ``with_entropy``: [2, B, S-1], logprobs and the entropy of the
+    sampling distribution at each position); with a ``loss_fn`` it is each report dict, and (unless
     ``forward_only``) gradients of the losses are accumulated into the model's ``.grad``
     (or DDP main grads). Megatron divides each loss by the number of micro-batches.
     Other pipeline stages get an empty list. All ranks of the model-parallel group call it.
@@ -76,7 +78,7 @@ def run_microbatches(model: Any, batches: list[MicroBatch], *, vocab_size: int, 
     mbs = max(b.input_ids.shape[0] for b in batches)
     collect = loss_fn is None
     outputs = get_forward_backward_func()(
-        forward_step_func=_forward_step(batches, loss_fn, vocab_size, temperature, chunk_tokens),
+        forward_step_func=_forward_step(batches, loss_fn, vocab_size, temperature, chunk_tokens, with_entropy),
         data_iterator=iter(batches),
         model=[model],
         num_microbatches=len(batches),
