@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,18 +40,33 @@ def save_model(model: torch.nn.Module, directory: str | Path, hf_metadata_dir: s
     ``hf_metadata_dir``: where ``config.json`` and the tokenizer files come from (copied
     into ``hf/``). ``meta``: extra JSON-able facts recorded in ``prorl_meta.json``.
     """
+    return save_state(model.sharded_state_dict(), directory, hf_metadata_dir, meta)
+
+
+def save_state(sharded_state: dict[str, Any], directory: str | Path, hf_metadata_dir: str | Path,
+               meta: Optional[dict[str, Any]] = None,
+               rank_files: Optional[Callable[[Path], None]] = None, replace: bool = False) -> Path:
+    """Save a megatron sharded state dict into ``directory`` atomically (all ranks call it).
+
+    Everything goes to a temporary sibling directory: the dist checkpoint, then whatever
+    ``rank_files(tmp)`` writes on each rank, then ``hf/`` and ``prorl_meta.json`` (last);
+    only then is it renamed to ``directory``. ``replace``: an existing ``directory`` (a
+    leftover of a run that died before it was recorded anywhere) is replaced, not refused.
+    """
     from megatron.core import dist_checkpointing
 
     final = Path(directory)
     tmp = None
     if dist.get_rank() == 0:
-        if final.exists():
+        if final.exists() and not replace:
             raise CheckpointError(f"{final}: already exists; refusing to overwrite it")
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{final.name}.incomplete-", dir=final.parent)
     tmp = Path(_broadcast_str(tmp))
     try:
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+        dist_checkpointing.save(sharded_state, str(tmp))
+        if rank_files is not None:
+            rank_files(tmp)
         dist.barrier()
         if dist.get_rank() == 0:
             (tmp / HF_DIR).mkdir()
@@ -61,6 +76,10 @@ def save_model(model: torch.nn.Module, directory: str | Path, hf_metadata_dir: s
             record = {"format_version": FORMAT_VERSION, **(meta or {})}
             (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
             os.chmod(tmp, 0o755)  # mkdtemp makes it private
+            if final.exists():
+                stale = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+                os.replace(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
             os.replace(tmp, final)
         dist.barrier()
     finally:
