@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from prorl_megatron.data.schema import PromptRow
@@ -27,3 +28,19 @@ def render(row: PromptRow, tokenizer: Any, apply_chat_template: bool = True) -> 
         raise ValueError("the tokenizer has no chat_template; set data.apply_chat_template=false for raw prompts")
     text = tokenizer.apply_chat_template(messages(row), tokenize=False, add_generation_prompt=True)
     return text, text.rstrip().endswith("<think>")
+
+
+@dataclass
+class EncodedPrompt:
+    """A row ready for generation: its token ids and whether the template opened ``<think>``."""
+
+    row: PromptRow
+    ids: list[int]
+    opened_think: bool
+
+
+def encode(row: PromptRow, tokenizer: Any, apply_chat_template: bool = True) -> EncodedPrompt:
+    """Render and tokenize ``row``; a template's own special tokens are not added twice."""
+    text, opened = render(row, tokenizer, apply_chat_template)
+    ids = tokenizer.encode(text, add_special_tokens=not apply_chat_template)
+    return EncodedPrompt(row, list(ids), opened)

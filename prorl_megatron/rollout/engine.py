@@ -46,7 +46,10 @@ class RolloutEngine:
     """vLLM engine built from the recipe; every rank of the world constructs it together."""
 
     def __init__(self, hf_dir: str, rollout: RolloutConfig, precision: PrecisionConfig, seed: int,
-                 world_size: Optional[int] = None, tokenizer: bool = True) -> None:
+                 world_size: Optional[int] = None, tokenizer: bool = True, load_weights: bool = True) -> None:
+        """``load_weights=False``: start from random ("dummy") weights, for a caller that syncs
+        the policy's weights before generating (the trainer); ``hf_dir`` then needs only
+        ``config.json`` and the tokenizer files."""
         # the tensors every weight update must bring (a tied lm_head is not a separate tensor)
         self.expected_names = set(HFReader(hf_dir).names())
         self.tied_embeddings = bool(getattr(read_hf_config(hf_dir), "tie_word_embeddings", False))
@@ -79,7 +82,9 @@ class RolloutEngine:
             enable_sleep_mode=self.sleep_mode,
             enforce_eager=not on_gpu,
             logprobs_mode="processed_logprobs",
+            load_format="auto" if load_weights else "dummy",
         )
+        self.dp_rank = self.llm.llm_engine.vllm_config.parallel_config.data_parallel_rank
 
     def generate(self, prompts: Sequence[Sequence[int]], n: Optional[int] = None,
                  temperature: Optional[float] = None, max_tokens: Optional[int] = None,
@@ -111,6 +116,20 @@ class RolloutEngine:
                 samples.append(Rollout(list(c.token_ids), logprobs, c.finish_reason or "length", c.text or None))
             result.append(samples)
         return result
+
+    def generate_global(self, prompts: Sequence[Sequence[int]], seed: int, **kwargs) -> list[list[Rollout]]:
+        """:meth:`generate` for a list of prompts that every rank holds: each engine
+        data-parallel replica samples its contiguous share, and all results are gathered on
+        every rank. Prompt ``i`` is sampled with seed ``seed + i`` whatever the layout, so the
+        samples do not depend on the number of replicas."""
+        from prorl_megatron.collect import gather_lists, shard_bounds
+
+        start, end = shard_bounds(len(prompts), self.data_parallel, self.dp_rank)
+        mine = self.generate(prompts[start:end], seed=seed + start, **kwargs) if end > start else []
+        by_replica: dict[int, list[list[Rollout]]] = {}
+        for replica, result in gather_lists([self.dp_rank, mine]):  # a replica's ranks agree
+            by_replica.setdefault(replica, result)
+        return [x for replica in range(self.data_parallel) for x in by_replica[replica]]
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Logprob of each token given its prefix (temperature 1), positions 1..len-1."""

@@ -1,0 +1,146 @@
+"""Scored rollouts -> padded training tensors, and how a step's rows are split for training.
+
+A row is one (prompt, response) sequence. Tensors of a :class:`TrainBatch` share their first
+dimension N (rows). ``input_ids`` [N, S] are prompt + response, right-padded; the response
+token ``j`` of a row is predicted at sequence position ``prompt_len - 1 + j``, which
+``response_index`` [N, R] holds so that per-position logprobs [N, S-1] can be gathered into
+per-response-token values [N, R] (``mask`` marks the R positions that are real tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+from prorl_megatron.models.forward import MicroBatch
+
+
+@dataclass
+class Sample:
+    """One scored response to one prompt of a step."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]  # per response token, from the engine (sampling distribution)
+    reward: float
+    truncated: bool
+    domain: str
+    group: int  # the prompt's index among the step's prompts (the GRPO group)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainBatch:
+    """Named row tensors (first dimension N); see the module docstring."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(self.tensors["input_ids"].shape[0])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        if value.shape[0] != len(self):
+            raise ValueError(f"{name}: expected {len(self)} rows, got shape {list(value.shape)}")
+        self.tensors[name] = value
+
+    def rows(self, index: torch.Tensor | list[int]) -> "TrainBatch":
+        """The given rows, with padding trimmed to the longest of them."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        picked = {k: v[index] for k, v in self.tensors.items()}
+        seq = int((picked["prompt_len"] + picked["response_len"]).max()) if len(index) else 1
+        resp = max(int(picked["response_len"].max()) if len(index) else 1, 1)
+        for name, value in picked.items():
+            if name == "input_ids":
+                picked[name] = value[:, :seq]
+            elif value.dim() == 2:
+                picked[name] = value[:, :resp]
+        picked["response_index"] = picked["response_index"].clamp(max=max(seq - 2, 0))
+        return TrainBatch(picked)
+
+
+def make_batch(samples: list[Sample], pad_id: int = 0) -> TrainBatch:
+    """Pad ``samples`` into tensors: input_ids, prompt_len, response_len, response_index,
+    mask (bool), rollout_logprobs (float32), rewards (float32), group_ids, truncated (bool)."""
+    if not samples:
+        raise ValueError("no samples to batch")
+    n = len(samples)
+    seq = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    resp = max(max(len(s.response_ids) for s in samples), 1)
+    input_ids = torch.full((n, seq), pad_id, dtype=torch.long)
+    rollout_lp = torch.zeros(n, resp)
+    mask = torch.zeros(n, resp, dtype=torch.bool)
+    prompt_len = torch.tensor([len(s.prompt_ids) for s in samples])
+    response_len = torch.tensor([len(s.response_ids) for s in samples])
+    for i, s in enumerate(samples):
+        ids = s.prompt_ids + s.response_ids
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        r = len(s.response_ids)
+        rollout_lp[i, :r] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+        mask[i, :r] = True
+    # positions past a row's end point at its last real position (masked out anyway)
+    offsets = torch.arange(resp).unsqueeze(0)
+    response_index = (prompt_len.unsqueeze(1) - 1 + offsets).clamp(max=seq - 2).clamp(min=0)
+    return TrainBatch({
+        "input_ids": input_ids, "prompt_len": prompt_len, "response_len": response_len,
+        "response_index": response_index, "mask": mask, "rollout_logprobs": rollout_lp,
+        "rewards": torch.tensor([s.reward for s in samples], dtype=torch.float32),
+        "group_ids": torch.tensor([s.group for s in samples], dtype=torch.long),
+        "truncated": torch.tensor([s.truncated for s in samples], dtype=torch.bool),
+    })
+
+
+def response_values(per_position: torch.Tensor, response_index: torch.Tensor) -> torch.Tensor:
+    """Gather per-position values [B, S-1] (e.g. logprobs) into per-response-token [B, R]."""
+    return per_position.gather(1, response_index.to(per_position.device))
+
+
+def split_evenly(items: list[int], parts: int) -> list[list[int]]:
+    """``items`` in ``parts`` contiguous pieces whose sizes differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for p in range(parts):
+        end = start + size + (1 if p < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+@dataclass
+class MiniBatch:
+    """One optimizer update: all of its rows (every DP rank's) and this rank's micro-batches."""
+
+    rows: list[int]
+    micro: list[list[int]]
+
+
+def training_plan(groups: list[list[int]], mini_batch_groups: int, dp_size: int, dp_rank: int,
+                  micro_batch_size: int) -> list[MiniBatch]:
+    """Which rows this data-parallel rank trains on, mini-batch by mini-batch.
+
+    ``groups``: the row indices of each kept prompt group, in order. Mini-batch ``m`` holds
+    groups ``[m * G, (m + 1) * G)``; its rows are split evenly over the DP ranks, then into
+    micro-batches of at most ``micro_batch_size`` rows. The same plan serves the logprob
+    pass and the update, so the first update sees exactly the old logprobs' micro-batches.
+    """
+    plan = []
+    for start in range(0, len(groups), mini_batch_groups):
+        rows = [r for g in groups[start: start + mini_batch_groups] for r in g]
+        mine = split_evenly(rows, dp_size)[dp_rank]
+        plan.append(MiniBatch(rows, [mine[i: i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]))
+    return plan
+
+
+def micro_batches(batch: TrainBatch, row_lists: Iterable[list[int]], device: torch.device,
+                  fields: Optional[list[str]] = None) -> list[MicroBatch]:
+    """One :class:`MicroBatch` per row list; every other tensor travels in ``extras``."""
+    out = []
+    for rows in row_lists:
+        part = batch.rows(rows)
+        names = fields if fields is not None else [k for k in part.tensors if k != "input_ids"]
+        out.append(MicroBatch(part["input_ids"].to(device), {k: part[k].to(device) for k in names}))
+    return out
