@@ -1,0 +1,1 @@
+"""The embedded CPU demo: its tiny base model and summary."""

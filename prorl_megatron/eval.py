@@ -1,0 +1,133 @@
+"""Pass@k per domain on held-out prompts, with vLLM: the "reasoning boundary" monitor.
+
+For every prompt, ``n`` samples are drawn and verified; pass@k is the unbiased estimator
+(Chen et al., 2021) averaged over prompts, per domain and overall. The trainer calls
+:func:`evaluate` every ``eval.every_n_steps`` steps; standalone, it evaluates a Megatron
+checkpoint (``prorl_meta.json``: a converted model or a training checkpoint) or a Hugging
+Face directory::
+
+    torchrun --nproc_per_node 2 -m prorl_megatron.eval --recipe recipes/tiny_cpu.yaml \\
+        --checkpoint runs/tiny-cpu/checkpoints/step_00000060 [--out results.json] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from prorl_megatron.algo.sampling import pass_at_k
+from prorl_megatron.collect import map_over_world
+from prorl_megatron.data.chat import EncodedPrompt
+from prorl_megatron.rewards.pool import RewardPool, ScoreRequest
+
+log = logging.getLogger(__name__)
+
+
+def score_rollouts(pool: RewardPool, prompts: list[EncodedPrompt], rollouts: list[list[Any]]) -> list[list[float]]:
+    """Rewards [prompt][sample], scored by every rank's pool in parallel (collective)."""
+    requests = [ScoreRequest(p.row.domain, r.text or "", p.row.ground_truth, p.opened_think)
+                for p, samples in zip(prompts, rollouts) for r in samples]
+    flat = map_over_world(requests, lambda part: [s.reward for s in pool.score(part)])
+    out, i = [], 0
+    for samples in rollouts:
+        out.append(flat[i: i + len(samples)])
+        i += len(samples)
+    return out
+
+
+def pass_at_k_table(domains: list[str], rewards: list[list[float]], ks: list[int]) -> dict[str, float]:
+    """``{"pass@k": ..., "<domain>/pass@k": ..., "reward": ...}`` from per-prompt rewards."""
+    by_domain: dict[str, list[list[float]]] = defaultdict(list)
+    for domain, r in zip(domains, rewards):
+        by_domain[domain].append(r)
+    out: dict[str, float] = {}
+    for name, groups in [("", [r for rs in by_domain.values() for r in rs]),
+                         *((f"{d}/", g) for d, g in sorted(by_domain.items()))]:
+        if not groups:
+            continue
+        for k in ks:
+            out[f"{name}pass@{k}"] = sum(pass_at_k(len(r), sum(x > 0.5 for x in r), k) for r in groups) / len(groups)
+        out[f"{name}reward"] = sum(sum(r) / len(r) for r in groups) / len(groups)
+    return out
+
+
+def evaluate(engine: Any, pool: RewardPool, prompts: list[EncodedPrompt], *, n: int, ks: list[int],
+             temperature: float, max_tokens: int, seed: int) -> dict[str, float]:
+    """Pass@k of the engine's current weights on ``prompts`` (collective over the world)."""
+    rollouts = engine.generate_global([p.ids for p in prompts], seed=seed, n=n, temperature=temperature,
+                                      max_tokens=max_tokens)
+    rewards = score_rollouts(pool, prompts, rollouts)
+    table = pass_at_k_table([p.row.domain for p in prompts], rewards, ks)
+    lengths = [len(r.response_ids) for samples in rollouts for r in samples]
+    table["response_length"] = sum(lengths) / max(len(lengths), 1)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir, load_model, read_meta
+    from prorl_megatron.config import add_recipe_arguments, recipe_from_args
+    from prorl_megatron.data.chat import encode
+    from prorl_megatron.data.dataset import load_rows
+    from prorl_megatron.parallel import init_parallel
+    from prorl_megatron.rewards.pool import pool_settings
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_arguments(parser)
+    parser.add_argument("--checkpoint", required=True, help="Megatron checkpoint or HF directory")
+    parser.add_argument("--files", nargs="*", help="prompt files (default: the recipe's data.val_files)")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = recipe_from_args(args)
+    files = args.files or recipe.data.val_files
+    if not files:
+        parser.error("no prompts: pass --files or set data.val_files")
+    checkpoint = Path(args.checkpoint)
+    megatron_ckpt = (checkpoint / "prorl_meta.json").is_file()
+    if megatron_ckpt:
+        read_meta(checkpoint)
+    elif not (checkpoint / "config.json").is_file():
+        raise SystemExit(f"{checkpoint}: neither a Megatron checkpoint (prorl_meta.json) nor a HF directory")
+    hf_dir = str(hf_config_dir(checkpoint) if megatron_ckpt else checkpoint)
+    rows = load_rows(files, recipe.data.on_bad_row).rows
+
+    layout = init_parallel(recipe.parallel.tensor, recipe.parallel.pipeline, seed=recipe.seed)
+    from transformers import AutoTokenizer
+
+    from prorl_megatron.rollout.engine import RolloutEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=recipe.model.trust_remote_code)
+    prompts = [encode(r, tokenizer, recipe.data.apply_chat_template) for r in rows]
+    engine = RolloutEngine(hf_dir, recipe.rollout, recipe.precision, recipe.seed, load_weights=not megatron_ckpt)
+    if megatron_ckpt:
+        from prorl_megatron.models.architectures import model_dims, read_hf_config
+        from prorl_megatron.models.gpt import build_gpt_model
+        from prorl_megatron.rollout.weight_sync import sync_weights
+
+        dims = model_dims(read_hf_config(hf_dir))
+        model = build_gpt_model(dims, recipe.precision, perform_initialization=False)
+        load_model(model, checkpoint)
+        sync_weights(model, dims, engine, recipe.precision.params_dtype, recipe.rollout.sync_bucket_mib << 20)
+    with RewardPool(recipe.rewards.workers, pool_settings(recipe.rewards),
+                    code=any(p.row.domain == "code" for p in prompts)) as pool:
+        table = evaluate(engine, pool, prompts, n=recipe.eval.n_samples, ks=recipe.eval.ks,
+                         temperature=recipe.eval.temperature, max_tokens=recipe.rollout.max_response_tokens,
+                         seed=recipe.seed)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(json.dumps(table, indent=2, sort_keys=True))
+        if args.out:
+            Path(args.out).write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    del layout
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

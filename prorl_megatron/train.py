@@ -1,0 +1,583 @@
+"""ProRL training: one process per device, launched by torchrun or srun.
+
+    torchrun --nproc_per_node 2 -m prorl_megatron.train --recipe recipes/tiny_cpu.yaml [key.sub=value ...]
+
+:func:`train_step` is the whole algorithm, top to bottom: rollout -> reward -> dynamic
+sampling -> advantages -> old/reference logprobs -> mini-batch updates -> weight sync ->
+evaluation -> reference reset -> metrics -> checkpoint. Every rank runs the same control flow
+on the same batch (rollouts and rewards are gathered everywhere); the Megatron passes split
+the rows over data-parallel ranks, and only the last pipeline stage sees logprobs.
+SIGUSR1/SIGTERM (Slurm's warning signal) finish the current step, write a checkpoint and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from prorl_megatron.algo import (
+    ResetScheduler, aggregate, compute_advantages, keep_informative_groups, kl_penalty, logprob_mismatch,
+    policy_loss, tis_weights,
+)
+from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir, load_model
+from prorl_megatron.checkpoint.hf_io import CheckpointError, HFReader
+from prorl_megatron.checkpoint.train_state import find_checkpoint, load_checkpoint, save_checkpoint
+from prorl_megatron.checkpoint.transfer import load_hf_weights
+from prorl_megatron.config import ConfigError, Recipe, add_recipe_arguments, recipe_from_args, to_dict
+from prorl_megatron.data.chat import EncodedPrompt, encode
+from prorl_megatron.data.dataset import DataError, PromptMixture, load_rows
+from prorl_megatron.eval import evaluate, score_rollouts
+from prorl_megatron.metrics import MetricsWriter, PhaseTimer, Progress, TokenSums, check_trackers
+from prorl_megatron.models.architectures import ModelDims, model_dims, read_hf_config
+from prorl_megatron.models.forward import MicroBatch, run_microbatches
+from prorl_megatron.models.gpt import transformer_config
+from prorl_megatron.models.policy import (
+    build_optimizer, build_policy, build_reference, copy_weights, finalize_grads, optimizer_state_is_empty,
+    optimizer_step, reset_optimizer_state, use_loss_scaling, zero_grads,
+)
+from prorl_megatron.parallel import Layout, init_parallel
+from prorl_megatron.rewards.pool import RewardPool, pool_settings
+from prorl_megatron.rollout.batch import (
+    MiniBatch, Sample, TrainBatch, make_batch, micro_batches, response_values, training_plan,
+)
+from prorl_megatron.rollout.weight_sync import check_sync, sync_weights
+
+log = logging.getLogger("prorl_megatron.train")
+
+SEED_STRIDE_STEP = 1_000_000  # vLLM seeds: recipe seed + step * 1e6 + round * 1e5 + prompt index
+SEED_STRIDE_ROUND = 100_000
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite updates in a row); the message says why."""
+
+
+class StopRequested(Exception):
+    """SIGUSR1/SIGTERM arrived; the step finished and a checkpoint was written."""
+
+
+EXIT_STOPPED = 3  # exit status after a signal-triggered checkpoint: not finished, resume me
+
+
+@dataclass
+class Run:
+    """Everything the loop holds, built once by :func:`setup`."""
+
+    recipe: Recipe
+    layout: Layout
+    dims: ModelDims
+    hf_dir: Path
+    pad_id: int
+    policy: Any  # GPTModel shard (what is saved and synced)
+    policy_ddp: Any  # what is trained
+    reference: Any  # GPTModel shard, frozen
+    reference_module: Any  # what is run
+    optimizer: Any
+    engine: Any
+    pool: RewardPool
+    mixture: PromptMixture
+    encode: Any  # PromptRow -> EncodedPrompt
+    val_prompts: list[EncodedPrompt]
+    scheduler: ResetScheduler
+    writer: MetricsWriter
+    progress: Progress
+    step: int = 0
+    counters: dict[str, int] = field(default_factory=lambda: {"skipped_updates": 0, "nonfinite_in_row": 0,
+                                                               "too_long_prompts": 0, "resets": 0})
+    last_val_reward: Optional[float] = None
+    stop_signal: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------
+
+
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """One ProRL step (collective); returns its metrics."""
+    cfg, timer = run.recipe, PhaseTimer()
+    start = time.perf_counter()
+
+    # 1-3. rollout -> reward -> dynamic sampling (more rounds until the batch is full)
+    samples, metrics = collect_samples(run, step, timer)
+    if not samples:
+        log.warning("step %d: no prompt group with a reward signal after %d rounds; no update",
+                    step, metrics["sampling/rounds"])
+    else:
+        # 4. advantages, per token, from the group rewards
+        batch = make_batch(samples, run.pad_id)
+        if cfg.rollout.truncated == "mask":
+            batch["mask"] = batch["mask"] & ~batch["truncated"].unsqueeze(1)
+        batch["advantages"] = compute_advantages(
+            cfg.algo.advantage, batch["rewards"], batch["group_ids"], batch["mask"],
+            **({"scale_by_std": cfg.algo.scale_by_std} if cfg.algo.advantage == "grpo" else {}))
+        groups = [[i for i, s in enumerate(samples) if s.group == g] for g in range(samples[-1].group + 1)]
+        plan = training_plan(groups, cfg.train.mini_batch_prompts, run.layout.data, run.layout.dp_rank,
+                             cfg.train.micro_batch_size)
+        sums = TokenSums()
+
+        # 5. old-policy and reference logprobs (no grad), entropy, KL to the reference
+        with timer("logprob"):
+            old_and_reference_logprobs(run, batch, plan, sums)
+
+        # 6. policy updates: one optimizer step per mini-batch
+        with timer("update"):
+            for mini_batch in plan:
+                update_policy(run, batch, mini_batch, sums)
+
+        # 7. weight sync: the engine samples the next step with the updated policy
+        with timer("sync"):
+            sync = sync_weights(run.policy, run.dims, run.engine, cfg.precision.params_dtype,
+                                cfg.rollout.sync_bucket_mib << 20)
+            metrics["sync/bytes"] = sync.bytes
+            if cfg.rollout.check_sync_every and step % cfg.rollout.check_sync_every == 0:
+                metrics["sync/max_logprob_diff"] = check_sync(run.policy, run.dims, run.engine,
+                                                              [s.prompt_ids + s.response_ids for s in samples[:4]],
+                                                              atol=sync_tolerance(cfg))
+        metrics.update(sums.means(
+            ["entropy", "kl_ref", "mismatch_mean", "loss", "pg_loss", "kl_loss", "clip_frac", "clip_frac_high",
+             "clip_frac_low", "dual_clip_frac", "approx_kl", "ratio_mean", "grad_norm"],
+            ["mismatch_max", "ratio_max"]))
+        metrics["updates"] = len(plan)
+        metrics["tokens"] = int(batch["mask"].sum())
+
+    # 8. evaluation (pass@k on held-out prompts; the plateau trigger's signal)
+    if cfg.eval.every_n_steps and (step % cfg.eval.every_n_steps == 0 or step == cfg.train.steps):
+        with timer("eval"):
+            metrics.update(validate(run, step))
+
+    # 9. reference reset: reference <- policy, optimizer state <- fresh
+    event = run.scheduler.observe(step, {"kl": metrics.get("kl_ref", 0.0),
+                                         **({"val_reward": run.last_val_reward} if "val/reward" in metrics else {})})
+    if event is not None:
+        reset_reference(run, step, event)
+        metrics["reset"] = 1
+
+    # 10. metrics, then 11. checkpoint
+    metrics["lr"] = cfg.train.lr
+    metrics.update({k: v for k, v in run.counters.items()})
+    stopping = signal_received(run)
+    if should_checkpoint(cfg, step) or stopping:
+        with timer("checkpoint"):
+            save(run, step)
+    metrics.update(timer.metrics())
+    metrics["time/step"] = time.perf_counter() - start
+    metrics["tokens_per_s"] = metrics.get("tokens", 0) / metrics["time/step"]
+    run.writer.write(step, metrics)
+    if stopping:
+        raise StopRequested(f"stop signal received: checkpointed step {step} in {cfg.checkpoint.dir}; "
+                            "resume with checkpoint.resume=auto")
+    return metrics
+
+
+def collect_samples(run: Run, step: int, timer: PhaseTimer) -> tuple[list[Sample], dict[str, Any]]:
+    """Generate and score groups until ``train.prompts_per_step`` groups carry signal (with
+    ``algo.dynamic_sampling``) or ``algo.max_sampling_rounds`` is spent; metrics cover every
+    sample generated."""
+    cfg = run.recipe
+    target = cfg.train.prompts_per_step
+    kept: list[list[Sample]] = []
+    every: list[Sample] = []
+    drawn, rounds = 0, 0
+    while len(kept) < target and rounds < (cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 1):
+        rounds += 1
+        missing = target - len(kept)
+        keep_rate = len(kept) / drawn if drawn else 1.0
+        count = min(target, math.ceil(missing / max(keep_rate, 0.1)))
+        prompts = draw_prompts(run, count)
+        drawn += count
+        with timer("rollout"):
+            run.engine.wake_up()
+            rollouts = run.engine.generate_global([p.ids for p in prompts],
+                                                  seed=cfg.seed + step * SEED_STRIDE_STEP + rounds * SEED_STRIDE_ROUND)
+            run.engine.sleep()
+        with timer("reward"):
+            rewards = score_rollouts(run.pool, prompts, rollouts)
+        round_groups = []
+        for prompt, outs, rs in zip(prompts, rollouts, rewards):
+            group = []
+            for out, reward in zip(outs, rs):
+                if out.truncated and cfg.rollout.truncated == "zero_reward":
+                    reward = 0.0
+                group.append(Sample(prompt.ids, out.response_ids, out.logprobs, reward, out.truncated,
+                                    prompt.row.domain, group=-1))
+            round_groups.append(group)
+            every.extend(group)
+        if cfg.algo.dynamic_sampling:
+            flat = [s for g in round_groups for s in g]
+            keep = keep_informative_groups(torch.tensor([s.reward for s in flat]),
+                                           torch.tensor([i for i, g in enumerate(round_groups) for _ in g]))
+            keep_group = keep.view(len(round_groups), -1).all(dim=1).tolist() if flat else []
+            round_groups = [g for g, k in zip(round_groups, keep_group) if k]
+        kept.extend(round_groups)
+    kept = kept[:target]
+    samples = []
+    for g, group in enumerate(kept):
+        for s in group:
+            s.group = g
+            samples.append(s)
+    return samples, {**rollout_metrics(every), "sampling/rounds": rounds, "sampling/prompts": drawn,
+                     "sampling/kept_groups": len(kept), "sampling/kept_frac": len(kept) / max(drawn, 1)}
+
+
+def draw_prompts(run: Run, count: int) -> list[EncodedPrompt]:
+    """The next ``count`` prompts of the mixture that fit ``rollout.max_prompt_tokens``."""
+    out: list[EncodedPrompt] = []
+    while len(out) < count:
+        for row in run.mixture.next(count - len(out)):
+            prompt = run.encode(row)
+            if len(prompt.ids) > run.recipe.rollout.max_prompt_tokens:
+                run.counters["too_long_prompts"] += 1
+                continue
+            out.append(prompt)
+    return out
+
+
+def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
+    """Reward and pass rate (overall and per domain), response lengths, truncation."""
+    if not samples:
+        return {}
+    out: dict[str, float] = {}
+    for domain in sorted({s.domain for s in samples}) + [None]:
+        part = [s for s in samples if domain is None or s.domain == domain]
+        name = "" if domain is None else f"/{domain}"
+        out[f"reward/mean{name}"] = sum(s.reward for s in part) / len(part)
+        out[f"pass_rate{name}"] = sum(s.reward > 0.5 for s in part) / len(part)
+    lengths = [len(s.response_ids) for s in samples]
+    out.update({"response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths),
+                "response_length/truncated_frac": sum(s.truncated for s in samples) / len(samples)})
+    return out
+
+
+def counts_for_stats(run: Run) -> bool:
+    """This rank holds a distinct copy of the last stage's values (TP peers hold the same)."""
+    return run.layout.is_last_stage and run.layout.tp_rank == 0
+
+
+def old_and_reference_logprobs(run: Run, batch: TrainBatch, plan: list[MiniBatch], sums: TokenSums) -> None:
+    """Fill ``old_logprobs`` and ``ref_logprobs`` [N, R] for this rank's rows (last stage)."""
+    cfg = run.recipe
+    n, width = batch["mask"].shape
+    batch["old_logprobs"] = torch.zeros(n, width)
+    batch["ref_logprobs"] = torch.zeros(n, width)
+    fields = ["response_index", "mask", "rollout_logprobs"]
+    for mini_batch in plan:
+        mbs = micro_batches(batch, mini_batch.micro, run.layout.device, fields)
+        with torch.no_grad():
+            policy = run_microbatches(run.policy_ddp, mbs, vocab_size=run.dims.vocab_size, with_entropy=True,
+                                      temperature=cfg.rollout.temperature,
+                                      chunk_tokens=cfg.train.logprob_chunk_tokens)
+            reference = run_microbatches(run.reference_module, mbs, vocab_size=run.dims.vocab_size,
+                                         temperature=cfg.rollout.temperature,
+                                         chunk_tokens=cfg.train.logprob_chunk_tokens)
+        for rows, mb, both, ref in zip(mini_batch.micro, mbs, policy, reference):
+            index, mask = mb.extras["response_index"], mb.extras["mask"]
+            old = response_values(both[0], index)
+            entropy = response_values(both[1], index)
+            ref_lp = response_values(ref, index)
+            r = old.shape[1]
+            batch["old_logprobs"][rows, :r] = old.float().cpu()
+            batch["ref_logprobs"][rows, :r] = ref_lp.float().cpu()
+            if counts_for_stats(run):
+                tokens = float(mask.sum())
+                m = mask.float()
+                sums.add("entropy", float((entropy * m).sum()), tokens)
+                sums.add("kl_ref", float((kl_penalty(old, ref_lp, cfg.algo.kl_estimator) * m).sum()), tokens)
+                gap = logprob_mismatch(mb.extras["rollout_logprobs"], old, mask)
+                sums.add("mismatch_mean", gap["mismatch_mean"] * tokens, tokens)
+                sums.add_max("mismatch_max", gap["mismatch_max"])
+
+
+def aggregation_share(cfg: Recipe, mask: torch.Tensor, mini_mask: torch.Tensor) -> float:
+    """How much of the mini-batch's loss this micro-batch carries, for ``algo.loss_agg``.
+
+    ``mask`` [B, R] is the micro-batch's, ``mini_mask`` the whole mini-batch's (all DP ranks).
+    Each micro-batch computes its loss normalised by its own counts; multiplying by this
+    share makes the sum over micro-batches and ranks the mini-batch's loss exactly.
+    """
+    agg = cfg.algo.loss_agg
+    if agg == "token-mean":
+        return float(mask.sum()) / max(float(mini_mask.sum()), 1.0)
+    if agg == "token-sum":
+        return 1.0
+    rows = float((mask.sum(1) > 0).sum()) / max(float((mini_mask.sum(1) > 0).sum()), 1.0)
+    if agg == "seq-mean-token-sum-norm":  # normalise by the recipe's response budget, not local padding
+        return rows * mask.shape[1] / cfg.rollout.max_response_tokens
+    return rows
+
+
+def update_policy(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: TokenSums) -> None:
+    """Forward/backward of this rank's micro-batches, DP grad reduction, one optimizer step."""
+    cfg, algo = run.recipe, run.recipe.algo
+    mini_mask = batch["mask"][mini_batch.rows]  # every DP rank's rows: the loss's normaliser
+    fields = ["response_index", "mask", "old_logprobs", "ref_logprobs", "advantages", "rollout_logprobs"]
+    mbs = micro_batches(batch, mini_batch.micro, run.layout.device, fields)
+    scale = len(mbs) * run.layout.data  # megatron divides by the micro-batch count, DDP averages over DP
+
+    def loss_fn(logprobs: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        x = mb.extras
+        lp = response_values(logprobs, x["response_index"])
+        weights = x["mask"].float()
+        if cfg.rollout.tis_cap is not None:
+            weights = tis_weights(x["old_logprobs"], x["rollout_logprobs"], x["mask"], cfg.rollout.tis_cap)
+        pg, stats = policy_loss(lp, x["old_logprobs"], x["advantages"], weights, eps_low=algo.eps_low,
+                                eps_high=algo.eps_high, dual_clip_c=algo.dual_clip_c, agg=algo.loss_agg)
+        kl = aggregate(kl_penalty(lp, x["ref_logprobs"], algo.kl_estimator), weights, algo.loss_agg)
+        loss = pg + algo.kl_coef * kl
+        share = aggregation_share(cfg, x["mask"], mini_mask.to(x["mask"].device))
+        tokens = float(x["mask"].sum())
+        return loss * (share * scale), {"tokens": tokens, "loss": float(loss), "pg_loss": float(pg),
+                                        "kl_loss": float(kl), **stats}
+
+    zero_grads(run.policy_ddp, run.optimizer)
+    reports = run_microbatches(run.policy_ddp, mbs, vocab_size=run.dims.vocab_size, loss_fn=loss_fn,
+                               temperature=cfg.rollout.temperature, chunk_tokens=cfg.train.logprob_chunk_tokens)
+    finalize_grads(run.policy_ddp)
+    stepped, grad_norm = optimizer_step(run.optimizer)
+    if counts_for_stats(run):
+        for report in reports:
+            t = report["tokens"]
+            for name in ("loss", "pg_loss", "kl_loss", "clip_frac", "clip_frac_high", "clip_frac_low",
+                         "dual_clip_frac", "approx_kl", "ratio_mean"):
+                sums.add(name, report[name] * t, t)
+            sums.add_max("ratio_max", report["ratio_max"])
+    if dist.get_rank() == 0:
+        sums.add("grad_norm", grad_norm if math.isfinite(grad_norm) else 0.0, 1.0)
+    if stepped:
+        run.counters["nonfinite_in_row"] = 0
+        return
+    run.counters["skipped_updates"] += 1
+    run.counters["nonfinite_in_row"] += 1
+    log.warning("step %d: non-finite gradients (norm %s): update skipped (%d in a row)",
+                run.step, grad_norm, run.counters["nonfinite_in_row"])
+    if run.counters["nonfinite_in_row"] >= cfg.train.max_nonfinite_in_row:
+        raise TrainingStopped(
+            f"{run.counters['nonfinite_in_row']} updates in a row had non-finite gradients "
+            f"(train.max_nonfinite_in_row={cfg.train.max_nonfinite_in_row}); stopping. Resume from the last "
+            f"checkpoint with a lower train.lr or a smaller train.clip_grad.")
+
+
+def sync_tolerance(cfg: Recipe) -> float:
+    """How far the engine's logprobs may be from the policy's (kernels differ; bf16 more)."""
+    return 1e-3 if cfg.precision.params_dtype == "float32" else 5e-2
+
+
+def validate(run: Run, step: int) -> dict[str, float]:
+    cfg = run.recipe
+    table = evaluate(run.engine, run.pool, run.val_prompts, n=cfg.eval.n_samples, ks=cfg.eval.ks,
+                     temperature=cfg.eval.temperature, max_tokens=cfg.rollout.max_response_tokens,
+                     seed=cfg.seed + 7)
+    run.last_val_reward = table["reward"]
+    return {f"val/{k}": v for k, v in table.items()}
+
+
+def reset_reference(run: Run, step: int, event: Any) -> None:
+    """ProRL's hard reset: the reference becomes the current policy; Adam starts afresh."""
+    copy_weights(run.policy, run.reference)
+    if run.recipe.reset.reset_optimizer:
+        reset_optimizer_state(run.optimizer)
+    run.counters["resets"] += 1
+    run.writer.event(step, "reset", reason=event.reason, triggers=list(event.triggers),
+                     optimizer_reset=run.recipe.reset.reset_optimizer)
+    run.progress.write(f"step {step}: reference reset ({event.reason})")
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints and signals
+# --------------------------------------------------------------------------------------
+
+
+def should_checkpoint(cfg: Recipe, step: int) -> bool:
+    every = cfg.checkpoint.every_n_steps
+    return step == cfg.train.steps or bool(every and step % every == 0)
+
+
+def loop_state(run: Run) -> dict[str, Any]:
+    return {"scheduler": run.scheduler.state_dict(), "data": run.mixture.state_dict(),
+            "counters": dict(run.counters), "last_val_reward": run.last_val_reward}
+
+
+def save(run: Run, step: int) -> None:
+    cfg = run.recipe
+    save_checkpoint(cfg.checkpoint.dir, step, run.policy, run.reference, run.optimizer, run.hf_dir,
+                    loop_state(run), optimizer_state_is_empty(run.optimizer), cfg.checkpoint.keep_last)
+
+
+def resume(run: Run) -> None:
+    """Continue from ``checkpoint.resume`` (auto: the latest complete checkpoint), if any."""
+    path = find_checkpoint(run.recipe.checkpoint.dir, run.recipe.checkpoint.resume)
+    if path is None:
+        return
+    meta = load_checkpoint(path, run.policy, run.reference, run.optimizer)
+    state = meta["loop"]
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.mixture.load_state_dict(state["data"])
+    run.counters.update(state["counters"])
+    run.last_val_reward = state["last_val_reward"]
+    run.step = int(meta["step"])
+    log.info("resumed from %s (step %d)", path, run.step)
+
+
+def install_signal_handlers(run: Run) -> None:
+    """SIGUSR1/SIGTERM: finish the step, checkpoint, exit (see :func:`signal_received`)."""
+    def handler(signum: int, frame: Any) -> None:
+        run.stop_signal.append(signum)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def signal_received(run: Run) -> bool:
+    """Collective: did any rank get a stop signal? (srun signals ranks at slightly different times)."""
+    flag = torch.tensor([1.0 if run.stop_signal else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+# --------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------
+
+
+def check_recipe(recipe: Recipe) -> tuple[Path, ModelDims, Any, Any]:
+    """Everything about the recipe that can fail, checked before any model is built.
+
+    Returns the HF config directory, the model's dims, the train rows and the val rows.
+    """
+    model = recipe.model
+    if model.mcore_ckpt:
+        hf_dir = hf_config_dir(model.mcore_ckpt)
+    elif model.hf_path:
+        hf_dir = Path(model.hf_path)
+    else:
+        raise ConfigError("recipe: set model.hf_path or model.mcore_ckpt")
+    if not (hf_dir / "config.json").is_file():
+        raise ConfigError(f"model: {hf_dir}/config.json not found (model.hf_path / model.mcore_ckpt)")
+    dims = model_dims(read_hf_config(str(hf_dir)))
+    transformer_config(dims, recipe.precision, recipe.parallel.tensor, recipe.parallel.pipeline,
+                       recipe.parallel.sequence_parallel, use_te=None)
+    if not recipe.data.train_files:
+        raise ConfigError("recipe: data.train_files is empty")
+    train_rows = load_rows(recipe.data.train_files, recipe.data.on_bad_row).rows
+    val_rows = load_rows(recipe.data.val_files, recipe.data.on_bad_row).rows if recipe.data.val_files else []
+    if recipe.eval.every_n_steps and not val_rows:
+        raise ConfigError("eval.every_n_steps > 0 needs data.val_files")
+    check_trackers(recipe.logging.tensorboard, recipe.logging.wandb)
+    return hf_dir, dims, train_rows, val_rows
+
+
+def setup(recipe: Recipe) -> Run:
+    from transformers import AutoTokenizer
+
+    from prorl_megatron.rollout.engine import RolloutEngine
+
+    hf_dir, dims, train_rows, val_rows = check_recipe(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=recipe.model.trust_remote_code)
+    layout = init_parallel(recipe.parallel.tensor, recipe.parallel.pipeline, seed=recipe.seed)
+    domains = {r.domain for r in train_rows + val_rows}
+    pool = RewardPool(recipe.rewards.workers, pool_settings(recipe.rewards), code="code" in domains)
+
+    policy, policy_ddp = build_policy(dims, recipe.precision)
+    reference, reference_module = build_reference(dims, recipe.precision)
+    if recipe.model.mcore_ckpt:
+        load_model(policy, recipe.model.mcore_ckpt)
+    else:
+        reader = HFReader(hf_dir)
+        load_hf_weights(policy, reader.get, dims)
+        reader.close()
+    copy_weights(policy, reference)
+    optimizer = build_optimizer(policy_ddp, recipe.train, recipe.precision)
+    use_loss_scaling(policy, optimizer)
+
+    engine = RolloutEngine(str(hf_dir), recipe.rollout, recipe.precision, recipe.seed, load_weights=False)
+
+    def encode_row(row: Any) -> EncodedPrompt:
+        return encode(row, tokenizer, recipe.data.apply_chat_template)
+
+    val_prompts = [p for p in map(encode_row, val_rows) if len(p.ids) <= recipe.rollout.max_prompt_tokens]
+    r = recipe.reset
+    scheduler = ResetScheduler(every_n_steps=r.every_n_steps, kl_threshold=r.kl_threshold, kl_window=r.kl_window,
+                               plateau_window=r.plateau_window, plateau_delta=r.plateau_delta,
+                               min_gap_steps=r.min_gap_steps)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rank0 = dist.get_rank() == 0
+    run = Run(recipe=recipe, layout=layout, dims=dims, hf_dir=hf_dir, pad_id=pad, policy=policy,
+              policy_ddp=policy_ddp, reference=reference, reference_module=reference_module, optimizer=optimizer,
+              engine=engine, pool=pool,
+              mixture=PromptMixture(train_rows, recipe.data.domain_weights or None, recipe.data.shuffle_seed),
+              encode=encode_row, val_prompts=val_prompts, scheduler=scheduler,
+              writer=MetricsWriter(recipe.logging.dir, enabled=False), progress=Progress(0, 0, enabled=False))
+    resume(run)
+    run.writer = MetricsWriter(recipe.logging.dir, enabled=rank0, resume_step=run.step,
+                               tensorboard=recipe.logging.tensorboard, wandb=recipe.logging.wandb,
+                               wandb_project=recipe.logging.wandb_project, run_name=recipe.name,
+                               config=to_dict(recipe))
+    run.progress = Progress(recipe.train.steps, run.step, enabled=rank0)
+    return run
+
+
+def train(recipe: Recipe) -> Run:
+    """Run (or continue) the recipe to ``train.steps``; return the finished run."""
+    run = setup(recipe)
+    install_signal_handlers(run)
+    cfg = recipe
+    # the engine starts with random weights: it gets the policy's (fresh or resumed) before sampling
+    sync_weights(run.policy, run.dims, run.engine, cfg.precision.params_dtype, cfg.rollout.sync_bucket_mib << 20)
+    if cfg.rollout.check_sync_every:
+        probe = [p.ids for p in run.val_prompts[:4]] or [[run.pad_id, run.pad_id]]
+        check_sync(run.policy, run.dims, run.engine, probe, atol=sync_tolerance(cfg))
+    if run.step == 0 and cfg.eval.every_n_steps:
+        run.writer.write(0, validate(run, 0))
+    try:
+        while run.step < cfg.train.steps:
+            run.step += 1
+            metrics = train_step(run, run.step)
+            run.progress.update(metrics)
+            if cfg.logging.console_every and run.step % cfg.logging.console_every == 0:
+                run.progress.write(console_line(run.step, metrics))
+    finally:
+        run.progress.close()
+        run.writer.close()
+        run.pool.close()
+    return run
+
+
+def console_line(step: int, m: dict[str, Any]) -> str:
+    parts = [f"step {step}", f"reward {m.get('reward/mean', 0):.3f}", f"kl_ref {m.get('kl_ref', 0):.4f}",
+             f"entropy {m.get('entropy', 0):.3f}", f"kept {m.get('sampling/kept_frac', 0):.2f}",
+             f"len {m.get('response_length/mean', 0):.1f}", f"{m.get('time/step', 0):.1f}s"]
+    if "val/pass@1" in m:
+        parts.append(f"val pass@1 {m['val/pass@1']:.3f}")
+    return " | ".join(parts)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = recipe_from_args(args)
+        train(recipe)
+    except StopRequested as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return EXIT_STOPPED
+    except (ConfigError, CheckpointError, DataError, TrainingStopped) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
