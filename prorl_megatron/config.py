@@ -299,6 +299,9 @@ class Recipe:
             need(weight >= 0.0 and math.isfinite(weight), f"data.domain_weights.{domain} must be >= 0, got {weight}")
         if self.data.domain_weights:
             need(sum(self.data.domain_weights.values()) > 0, "data.domain_weights must not all be 0")
+        need(self.eval.temperature >= 0.0, f"eval.temperature must be >= 0, got {self.eval.temperature}")
+        need(self.eval.temperature > 0.0 or self.eval.n_samples == 1,
+             f"eval.temperature=0 is greedy decoding: eval.n_samples must be 1, got {self.eval.n_samples}")
         for k in self.eval.ks:
             need(
                 1 <= k <= self.eval.n_samples,

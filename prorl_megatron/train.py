@@ -163,7 +163,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         reset_reference(run, step, event)
         metrics["reset"] = 1
 
-    # 10. metrics, then 11. checkpoint
+    # 10. checkpoint, then 11. the step's metrics record (a logged checkpoint step is on disk)
     metrics["lr"] = cfg.train.lr
     metrics.update({k: v for k, v in run.counters.items()})
     stopping = signal_received(run)
@@ -473,6 +473,7 @@ def check_recipe(recipe: Recipe) -> tuple[Path, ModelDims, Any, Any]:
     if recipe.eval.every_n_steps and not val_rows:
         raise ConfigError("eval.every_n_steps > 0 needs data.val_files")
     check_trackers(recipe.logging.tensorboard, recipe.logging.wandb)
+    find_checkpoint(recipe.checkpoint.dir, recipe.checkpoint.resume)  # a bad resume target fails here
     return hf_dir, dims, train_rows, val_rows
 
 
@@ -566,6 +567,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_recipe_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
         recipe = recipe_from_args(args)
         train(recipe)

@@ -4,8 +4,10 @@ RL cannot start from a random model (every reward is 0, every group is dropped),
 builds the starting point itself, reproducibly, in about a minute on 2 CPU cores: a
 character tokenizer (digits, ``+``, ``=``, end of sequence), a 2-layer Qwen2 (hidden 128,
 4 heads of 32 — vLLM's CPU attention needs head_dim >= 32) and a short supervised warm-up on
-``abc+def=`` -> sum + end, stopped as soon as greedy exact-match accuracy on held-out sums
-reaches ``--target`` (default 0.2). The result is a normal Hugging Face directory.
+``abc+def=`` -> the sum zero-padded to four digits (``0719``: every digit has a fixed place,
+which a 2-layer model learns far faster; math-verify scores it equal to ``719``) + end,
+stopped as soon as greedy exact-match accuracy on held-out sums reaches ``--target``.
+The result is a normal Hugging Face directory.
 
     python -m prorl_megatron.demo.tiny_base --out runs/tiny-base/hf
 """
@@ -23,8 +25,9 @@ import torch
 
 PAD, EOS = "<pad>", "<eos>"
 SYMBOLS = list("0123456789+=")
-VOCAB_SIZE = 32  # 14 tokens used; the rest are spare ids
-RECIPE_VERSION = 1  # bump when anything below changes what is built
+VOCAB_SIZE = 64  # 14 tokens used; the rest are spare ids (vLLM pads to 64: each TP2 shard holds real rows)
+WARM_UP_LR_STEPS = 100  # linear learning-rate warm-up
+RECIPE_VERSION = 2  # bump when anything below changes what is built
 
 
 def build_tokenizer(directory: Path):
@@ -99,11 +102,11 @@ def addition_pairs(count: int, seed: int) -> list[tuple[str, str]]:
     pairs = []
     for _ in range(count):
         a, b = rng.randrange(1000), rng.randrange(1000)
-        pairs.append((f"{a}+{b}=", str(a + b)))
+        pairs.append((f"{a}+{b}=", f"{a + b:04d}"))
     return pairs
 
 
-def warm_up(out: Path, seed: int = 0, target: float = 0.2, max_steps: int = 3000, batch: int = 64,
+def warm_up(out: Path, seed: int = 0, target: float = 0.15, max_steps: int = 3000, batch: int = 128,
             lr: float = 2e-3, eval_every: int = 50) -> dict:
     """Build tokenizer + model in ``out`` and train until greedy accuracy >= ``target``."""
     torch.manual_seed(seed)
@@ -113,6 +116,7 @@ def warm_up(out: Path, seed: int = 0, target: float = 0.2, max_steps: int = 3000
     train = addition_pairs(50_000, seed + 1)
     held_out = addition_pairs(256, seed + 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / WARM_UP_LR_STEPS))
     start, step, accuracy = time.time(), 0, 0.0
     model.train()
     for step in range(1, max_steps + 1):
@@ -125,6 +129,7 @@ def warm_up(out: Path, seed: int = 0, target: float = 0.2, max_steps: int = 3000
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         if step % eval_every == 0:
             model.eval()
             accuracy = greedy_accuracy(model, tokenizer, held_out)
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/tiny-base/hf")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target", type=float, default=0.2, help="stop at this greedy accuracy")
+    parser.add_argument("--target", type=float, default=0.15, help="stop at this greedy accuracy")
     parser.add_argument("--force", action="store_true", help="rebuild even if already built")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -17,9 +17,9 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from prorl_megatron.checkpoint.hf_io import HFReader
+from prorl_megatron.checkpoint.hf_mapping import rules as mapping_rules
 from prorl_megatron.config import PrecisionConfig, RolloutConfig
-from prorl_megatron.models.architectures import read_hf_config
+from prorl_megatron.models.architectures import model_dims, read_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,17 @@ class Rollout:
         return self.finish_reason == "length"
 
 
+class _RotaryReloadNotice(logging.Filter):
+    """Drop vLLM's "RotaryEmbedding: Failed to load weights" warning (one per layer, every sync).
+
+    vLLM 0.32's in-place reload counts the rotary cos/sin cache as loadable, though no
+    checkpoint has it; the cache is restored as it was. Any other layer's warning still shows.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
 class WeightLoadError(RuntimeError):
     """A weight stream did not hold exactly the engine's tensors; the message names them."""
 
@@ -50,15 +61,19 @@ class RolloutEngine:
         """``load_weights=False``: start from random ("dummy") weights, for a caller that syncs
         the policy's weights before generating (the trainer); ``hf_dir`` then needs only
         ``config.json`` and the tokenizer files."""
-        # the tensors every weight update must bring (a tied lm_head is not a separate tensor)
-        self.expected_names = set(HFReader(hf_dir).names())
-        self.tied_embeddings = bool(getattr(read_hf_config(hf_dir), "tie_word_embeddings", False))
+        # the tensors every weight update must bring (a tied lm_head is not a separate tensor),
+        # from the config alone: with load_weights=False the directory holds no weights
+        config = read_hf_config(hf_dir)
+        self.expected_names = {name for rule in mapping_rules(model_dims(config)) for name in rule.hf}
+        self.tied_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         on_gpu = torch.cuda.is_available()
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # per-step INFO lines drown the trainer's
         if not on_gpu:  # in-process engine; the KV cache size must be explicit on CPU
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(rollout.cpu_kvcache_gib))))
         from vllm import LLM
 
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
         world = world_size or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
         tp = rollout.engine_tensor_parallel
         if world % tp:

@@ -1,0 +1,57 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """The demo's base model, warmed up only to 10% greedy accuracy (enough reward signal)."""
+    out = tmp_path_factory.mktemp("tiny-base") / "hf"
+    done = subprocess.run([sys.executable, "-m", "prorl_megatron.demo.tiny_base", "--out", str(out),
+                           "--target", "0.1"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def train_command(run_dir: Path, hf_dir: Path, *overrides: str, nproc: int = 2, module: str = "prorl_megatron.train"):
+    """torchrun + the tiny recipe, shrunk for tests (8 prompts x 8 samples, 2 updates per step)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", module, "--recipe", "recipes/tiny_cpu.yaml", f"model.hf_path={hf_dir}",
+            f"checkpoint.dir={run_dir}/ckpt", f"logging.dir={run_dir}/logs", "train.prompts_per_step=8",
+            "train.mini_batch_prompts=4", "train.micro_batch_size=16", "eval.n_samples=4", "eval.ks=[1,4]",
+            "eval.every_n_steps=0", "logging.console_every=1", *overrides]
+
+
+def run(command: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def kill_when(command: list[str], condition, timeout: float = 600) -> str:
+    """Start ``command`` in its own process group; SIGKILL the whole group once ``condition()``."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            if proc.poll() is not None:
+                raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill point:\n"
+                                     + proc.stdout.read()[-4000:])
+            if time.monotonic() > deadline:
+                raise AssertionError("kill point not reached in time")
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return proc.stdout.read()

@@ -1,0 +1,45 @@
+"""Metrics files, pass@k tables and the plot tool (no model needed)."""
+
+import json
+import subprocess
+import sys
+
+from prorl_megatron.eval import pass_at_k_table
+from prorl_megatron.metrics import MetricsWriter, read_jsonl
+from tests.train.conftest import ROOT
+
+
+def test_resume_drops_the_lost_steps_and_keeps_one_history(tmp_path):
+    w = MetricsWriter(tmp_path, enabled=True)
+    for step in (1, 2, 3):
+        w.write(step, {"reward/mean": step / 10})
+    w.event(2, "reset", reason="every 2 steps")
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')  # torn line of a killed run
+    w = MetricsWriter(tmp_path, enabled=True, resume_step=2)  # the checkpoint was at step 2
+    w.write(3, {"reward/mean": 0.33, "bad": float("nan")})
+    w.close()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r.get("event")) for r in records] == [(1, None), (2, None), (2, "reset"), (3, None)]
+    assert records[-1]["reward/mean"] == 0.33 and records[-1]["bad"] == "nan"
+
+
+def test_pass_at_k_table_per_domain():
+    table = pass_at_k_table(["math", "math", "logic"], [[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], [1, 4])
+    assert table["math/pass@1"] == 0.125 and table["math/pass@4"] == 0.5
+    assert table["logic/pass@1"] == 1.0
+    assert abs(table["pass@1"] - (0.25 + 0 + 1) / 3) < 1e-12 and abs(table["pass@4"] - 2 / 3) < 1e-12
+
+
+def test_plot_marks_resets_and_summarises(tmp_path):
+    lines = [{"step": 0, "val/pass@1": 0.1, "val/pass@8": 0.3}]
+    lines += [{"step": s, "reward/mean": 0.1 + s / 100, "kl_ref": 0.01 * (s % 5)} for s in range(1, 11)]
+    lines += [{"step": 5, "event": "reset", "reason": "every 5 steps"}, {"step": 10, "val/pass@1": 0.25, "val/pass@8": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "plot.py"), str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "pass@1: 0.100 (step 0) -> 0.250 (step 10)  x2.50" in out.stdout
+    assert "resets: 1 at steps [5]" in out.stdout
+    assert (tmp_path / "plots" / "kl.png").stat().st_size > 1000

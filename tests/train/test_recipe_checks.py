@@ -1,0 +1,33 @@
+"""Recipe and input problems stop the trainer before any model is built, naming what and where."""
+
+import subprocess
+import sys
+
+from tests.train.conftest import ROOT, env
+
+
+def train(*overrides):
+    return subprocess.run([sys.executable, "-m", "prorl_megatron.train", "--recipe", "recipes/tiny_cpu.yaml",
+                           *overrides], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+
+
+def test_bad_data_row_is_named_by_file_and_row(tiny_base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "domain": "math", "prompt": "1+1=", "ground_truth": {"answer": "2"}}\n'
+                   '{"id": "b", "domain": "poetry", "prompt": "x", "ground_truth": {}}\n')
+    out = train(f"model.hf_path={tiny_base}", f"data.train_files=[{bad}]", f"checkpoint.dir={tmp_path}/c")
+    assert out.returncode == 2
+    assert "bad.jsonl" in out.stderr and "domain" in out.stderr
+    assert "Setting up optimizer" not in out.stderr + out.stdout  # nothing was built
+
+
+def test_missing_model_and_bad_resume_target(tiny_base, tmp_path):
+    out = train(f"model.hf_path={tmp_path}/nothing-here")
+    assert out.returncode == 2 and "nothing-here/config.json not found" in out.stderr
+    out = train(f"model.hf_path={tiny_base}", f"checkpoint.resume={tmp_path}/gone")
+    assert out.returncode == 2 and "gone: checkpoint directory not found" in out.stderr
+
+
+def test_unknown_recipe_key_is_named():
+    out = train("algo.eps_hihg=0.3")
+    assert out.returncode == 2 and "eps_hihg" in out.stderr
