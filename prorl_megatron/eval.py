@@ -27,6 +27,8 @@ from prorl_megatron.rewards.pool import RewardPool, ScoreRequest
 
 log = logging.getLogger(__name__)
 
+EVAL_SEED_OFFSET = 7  # evaluation samples with recipe.seed + this (in training and standalone alike)
+
 
 def score_rollouts(pool: RewardPool, prompts: list[EncodedPrompt], rollouts: list[list[Any]]) -> list[list[float]]:
     """Rewards [prompt][sample], scored by every rank's pool in parallel (collective)."""
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     code=any(p.row.domain == "code" for p in prompts)) as pool:
         table = evaluate(engine, pool, prompts, n=recipe.eval.n_samples, ks=recipe.eval.ks,
                          temperature=recipe.eval.temperature, max_tokens=recipe.rollout.max_response_tokens,
-                         seed=recipe.seed)
+                         seed=recipe.seed + EVAL_SEED_OFFSET)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

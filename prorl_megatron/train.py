@@ -36,7 +36,7 @@ from prorl_megatron.checkpoint.transfer import load_hf_weights
 from prorl_megatron.config import ConfigError, Recipe, add_recipe_arguments, recipe_from_args, to_dict
 from prorl_megatron.data.chat import EncodedPrompt, encode
 from prorl_megatron.data.dataset import DataError, PromptMixture, load_rows
-from prorl_megatron.eval import evaluate, score_rollouts
+from prorl_megatron.eval import EVAL_SEED_OFFSET, evaluate, score_rollouts
 from prorl_megatron.metrics import MetricsWriter, PhaseTimer, Progress, TokenSums, check_trackers
 from prorl_megatron.models.architectures import ModelDims, model_dims, read_hf_config
 from prorl_megatron.models.forward import MicroBatch, run_microbatches
@@ -376,7 +376,7 @@ def validate(run: Run, step: int) -> dict[str, float]:
     cfg = run.recipe
     table = evaluate(run.engine, run.pool, run.val_prompts, n=cfg.eval.n_samples, ks=cfg.eval.ks,
                      temperature=cfg.eval.temperature, max_tokens=cfg.rollout.max_response_tokens,
-                     seed=cfg.seed + 7)
+                     seed=cfg.seed + EVAL_SEED_OFFSET)
     run.last_val_reward = table["reward"]
     return {f"val/{k}": v for k, v in table.items()}
 

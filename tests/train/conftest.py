@@ -37,8 +37,25 @@ def run(command: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torchrun starts its workers in sessions of their own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def kill_when(command: list[str], condition, timeout: float = 600) -> str:
-    """Start ``command`` in its own process group; SIGKILL the whole group once ``condition()``."""
+    """Start ``command``; SIGKILL it and all its descendants as soon as ``condition()`` holds."""
     proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -51,7 +68,6 @@ def kill_when(command: list[str], condition, timeout: float = 600) -> str:
                 raise AssertionError("kill point not reached in time")
             time.sleep(0.005)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
     return proc.stdout.read()
