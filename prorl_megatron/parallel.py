@@ -117,6 +117,10 @@ def init_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
     """
     launch = read_launch_env(env)
     data = check_layout(launch.world_size, tensor, pipeline)
+    if env is None:  # libraries that expect torchrun's variables (vLLM's external launcher) get them under srun too
+        for name, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", launch.local_rank),
+                            ("MASTER_ADDR", launch.master_addr), ("MASTER_PORT", launch.master_port)):
+            os.environ.setdefault(name, str(value))
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())

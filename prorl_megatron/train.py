@@ -67,6 +67,7 @@ class StopRequested(Exception):
 
 
 EXIT_STOPPED = 3  # exit status after a signal-triggered checkpoint: not finished, resume me
+STOPPED_FILE = "stopped"  # in checkpoint.dir after a signal-triggered checkpoint; removed on start
 
 
 @dataclass
@@ -175,6 +176,8 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     metrics["tokens_per_s"] = metrics.get("tokens", 0) / metrics["time/step"]
     run.writer.write(step, metrics)
     if stopping:
+        if dist.get_rank() == 0:  # for the job script: every rank may not exit with status 3 under srun
+            (Path(cfg.checkpoint.dir) / STOPPED_FILE).write_text(f"{step}\n")
         raise StopRequested(f"stop signal received: checkpointed step {step} in {cfg.checkpoint.dir}; "
                             "resume with checkpoint.resume=auto")
     return metrics
@@ -519,6 +522,8 @@ def setup(recipe: Recipe) -> Run:
               encode=encode_row, val_prompts=val_prompts, scheduler=scheduler,
               writer=MetricsWriter(recipe.logging.dir, enabled=False), progress=Progress(0, 0, enabled=False))
     resume(run)
+    if rank0:
+        (Path(recipe.checkpoint.dir) / STOPPED_FILE).unlink(missing_ok=True)
     run.writer = MetricsWriter(recipe.logging.dir, enabled=rank0, resume_step=run.step,
                                tensorboard=recipe.logging.tensorboard, wandb=recipe.logging.wandb,
                                wandb_project=recipe.logging.wandb_project, run_name=recipe.name,

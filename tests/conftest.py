@@ -1,5 +1,7 @@
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +24,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """The demo's base model, warmed up only to 10% greedy accuracy (enough reward signal)."""
+    out = tmp_path_factory.mktemp("tiny-base") / "hf"
+    done = subprocess.run([sys.executable, "-m", "prorl_megatron.demo.tiny_base", "--out", str(out), "--target", "0.1"],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out

@@ -13,6 +13,7 @@ import collections
 import importlib
 import logging
 import multiprocessing as mp
+import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -93,6 +94,9 @@ def _warm_up(settings: PoolSettings) -> None:
 
 
 def _worker(conn: Connection, settings: PoolSettings, uid: int) -> None:
+    # Slurm signals every process of a job step (SIGUSR1 before the time limit); it is meant
+    # for the trainer, which checkpoints and stops the pool itself
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     sandbox: Optional[Sandbox] = None
     try:
         _warm_up(settings)
@@ -196,8 +200,17 @@ class RewardPool:
                     slot.task = pending.popleft()
                     slot.budget_s = self._budget_s(requests[slot.task])
                     slot.deadline = time.monotonic() + slot.budget_s
-                    slot.conn.send((slot.task, requests[slot.task]))
+                    try:
+                        slot.conn.send((slot.task, requests[slot.task]))
+                    except OSError:  # the worker died while idle (killed from outside): replace, retry
+                        pending.appendleft(slot.task)
+                        slot.task = None
+                        self.failures["crash"] += 1
+                        log.warning("reward worker died while idle (exit code %s); replaced", slot.process.exitcode)
+                        self._replace(self._slots.index(slot))
             busy = [s for s in self._slots if s.task is not None]
+            if not busy:
+                continue
             timeout = max(0.0, min(s.deadline for s in busy) - time.monotonic())
             ready = wait([s.conn for s in busy] + [s.process.sentinel for s in busy], timeout=timeout)
             for i, slot in enumerate(self._slots):

@@ -67,3 +67,18 @@ def test_pool_settings_follow_the_recipe():
         score = pool.score([ScoreRequest("code", "```python\nprint(1)\n```",
                                          {"style": "stdio", "tests": [{"input": "", "output": "1"}]})])[0]
         assert score.reward == 1.0 and score.info["sandboxed"] is False
+
+
+def test_workers_ignore_slurms_warning_signal_and_dead_idle_workers_are_replaced(pool):
+    import os
+    import signal
+
+    os.kill(pool._slots[0].process.pid, signal.SIGUSR1)  # Slurm signals every process of the step
+    time.sleep(0.5)
+    assert pool._slots[0].process.is_alive()
+    before = pool.failures["crash"]
+    os.kill(pool._slots[1].process.pid, signal.SIGKILL)  # killed from outside while idle
+    pool._slots[1].process.join(timeout=10)
+    requests = [ScoreRequest("math", f"\\boxed{{{i}}}", {"answer": str(i)}) for i in range(4)]
+    assert [s.reward for s in pool.score(requests)] == [1.0] * 4  # nothing lost, nothing scored 0
+    assert pool.failures["crash"] == before + 1

@@ -5,23 +5,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    """The demo's base model, warmed up only to 10% greedy accuracy (enough reward signal)."""
-    out = tmp_path_factory.mktemp("tiny-base") / "hf"
-    done = subprocess.run([sys.executable, "-m", "prorl_megatron.demo.tiny_base", "--out", str(out),
-                           "--target", "0.1"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out
 
 
 def train_command(run_dir: Path, hf_dir: Path, *overrides: str, nproc: int = 2, module: str = "prorl_megatron.train"):
