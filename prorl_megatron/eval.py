@@ -27,7 +27,7 @@ from prorl_megatron.rewards.pool import RewardPool, ScoreRequest
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED_OFFSET = 7  # evaluation samples with recipe.seed + this (in training and standalone alike)
+EVAL_SEED_OFFSET = 7  # evaluation samples with recipe.seed + this
 
 
 def score_rollouts(pool: RewardPool, prompts: list[EncodedPrompt], rollouts: list[list[Any]]) -> list[list[float]]:
@@ -58,13 +58,18 @@ def pass_at_k_table(domains: list[str], rewards: list[list[float]], ks: list[int
     return out
 
 
-def evaluate(engine: Any, pool: RewardPool, prompts: list[EncodedPrompt], *, n: int, ks: list[int],
-             temperature: float, max_tokens: int, seed: int) -> dict[str, float]:
-    """Pass@k of the engine's current weights on ``prompts`` (collective over the world)."""
-    rollouts = engine.generate_global([p.ids for p in prompts], seed=seed, n=n, temperature=temperature,
-                                      max_tokens=max_tokens)
+def evaluate(engine: Any, pool: RewardPool, prompts: list[EncodedPrompt], recipe: Any) -> dict[str, float]:
+    """Pass@k of the engine's current weights on ``prompts`` (collective over the world).
+
+    ``recipe.eval`` gives n, ks and the temperature; responses get ``rollout.max_response_tokens``;
+    sampling is seeded with ``recipe.seed + EVAL_SEED_OFFSET`` (in training and standalone alike).
+    """
+    cfg = recipe.eval
+    rollouts = engine.generate_global([p.ids for p in prompts], seed=recipe.seed + EVAL_SEED_OFFSET,
+                                      n=cfg.n_samples, temperature=cfg.temperature,
+                                      max_tokens=recipe.rollout.max_response_tokens)
     rewards = score_rollouts(pool, prompts, rollouts)
-    table = pass_at_k_table([p.row.domain for p in prompts], rewards, ks)
+    table = pass_at_k_table([p.row.domain for p in prompts], rewards, cfg.ks)
     lengths = [len(r.response_ids) for samples in rollouts for r in samples]
     table["response_length"] = sum(lengths) / max(len(lengths), 1)
     return table
@@ -117,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         sync_weights(model, dims, engine, recipe.precision.params_dtype, recipe.rollout.sync_bucket_mib << 20)
     with RewardPool(recipe.rewards.workers, pool_settings(recipe.rewards),
                     code=any(p.row.domain == "code" for p in prompts)) as pool:
-        table = evaluate(engine, pool, prompts, n=recipe.eval.n_samples, ks=recipe.eval.ks,
-                         temperature=recipe.eval.temperature, max_tokens=recipe.rollout.max_response_tokens,
-                         seed=recipe.seed + EVAL_SEED_OFFSET)
+        table = evaluate(engine, pool, prompts, recipe)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

@@ -36,7 +36,7 @@ from prorl_megatron.checkpoint.transfer import load_hf_weights
 from prorl_megatron.config import ConfigError, Recipe, add_recipe_arguments, recipe_from_args, to_dict
 from prorl_megatron.data.chat import EncodedPrompt, encode
 from prorl_megatron.data.dataset import DataError, PromptMixture, load_rows
-from prorl_megatron.eval import EVAL_SEED_OFFSET, evaluate, score_rollouts
+from prorl_megatron.eval import evaluate, score_rollouts
 from prorl_megatron.metrics import MetricsWriter, PhaseTimer, Progress, TokenSums, check_trackers
 from prorl_megatron.models.architectures import ModelDims, model_dims, read_hf_config
 from prorl_megatron.models.forward import MicroBatch, run_microbatches
@@ -166,7 +166,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
 
     # 10. checkpoint, then 11. the step's metrics record (a logged checkpoint step is on disk)
     metrics["lr"] = cfg.train.lr
-    metrics.update({k: v for k, v in run.counters.items()})
+    metrics.update(run.counters)
     stopping = signal_received(run)
     if should_checkpoint(cfg, step) or stopping:
         with timer("checkpoint"):
@@ -376,10 +376,7 @@ def sync_tolerance(cfg: Recipe) -> float:
 
 
 def validate(run: Run, step: int) -> dict[str, float]:
-    cfg = run.recipe
-    table = evaluate(run.engine, run.pool, run.val_prompts, n=cfg.eval.n_samples, ks=cfg.eval.ks,
-                     temperature=cfg.eval.temperature, max_tokens=cfg.rollout.max_response_tokens,
-                     seed=cfg.seed + EVAL_SEED_OFFSET)
+    table = evaluate(run.engine, run.pool, run.val_prompts, run.recipe)
     run.last_val_reward = table["reward"]
     return {f"val/{k}": v for k, v in table.items()}
 

@@ -195,7 +195,7 @@ class RewardPool:
         results: list[Optional[Score]] = [None] * len(requests)
         pending = collections.deque(range(len(requests)))
         while pending or any(s.task is not None for s in self._slots):
-            for slot in self._slots:
+            for i, slot in enumerate(self._slots):
                 if slot.task is None and pending:
                     slot.task = pending.popleft()
                     slot.budget_s = self._budget_s(requests[slot.task])
@@ -207,7 +207,7 @@ class RewardPool:
                         slot.task = None
                         self.failures["crash"] += 1
                         log.warning("reward worker died while idle (exit code %s); replaced", slot.process.exitcode)
-                        self._replace(self._slots.index(slot))
+                        self._replace(i)
             busy = [s for s in self._slots if s.task is not None]
             if not busy:
                 continue

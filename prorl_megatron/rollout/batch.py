@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from prorl_megatron.collect import shard_bounds
 from prorl_megatron.models.forward import MicroBatch
 
 
@@ -99,17 +100,6 @@ def response_values(per_position: torch.Tensor, response_index: torch.Tensor) ->
     return per_position.gather(1, response_index.to(per_position.device))
 
 
-def split_evenly(items: list[int], parts: int) -> list[list[int]]:
-    """``items`` in ``parts`` contiguous pieces whose sizes differ by at most one."""
-    size, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for p in range(parts):
-        end = start + size + (1 if p < extra else 0)
-        out.append(items[start:end])
-        start = end
-    return out
-
-
 @dataclass
 class MiniBatch:
     """One optimizer update: all of its rows (every DP rank's) and this rank's micro-batches."""
@@ -130,7 +120,8 @@ def training_plan(groups: list[list[int]], mini_batch_groups: int, dp_size: int,
     plan = []
     for start in range(0, len(groups), mini_batch_groups):
         rows = [r for g in groups[start: start + mini_batch_groups] for r in g]
-        mine = split_evenly(rows, dp_size)[dp_rank]
+        start_row, end_row = shard_bounds(len(rows), dp_size, dp_rank)
+        mine = rows[start_row:end_row]
         plan.append(MiniBatch(rows, [mine[i: i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]))
     return plan
 

@@ -1,16 +1,10 @@
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+from tests.megatron.conftest import ROOT, env
 
 
 def train_command(run_dir: Path, hf_dir: Path, *overrides: str, nproc: int = 2, module: str = "prorl_megatron.train"):

@@ -4,7 +4,8 @@ import torch
 
 from prorl_megatron.algo import aggregate
 from prorl_megatron.config import Recipe
-from prorl_megatron.rollout.batch import Sample, make_batch, response_values, split_evenly, training_plan
+from prorl_megatron.collect import shard_bounds
+from prorl_megatron.rollout.batch import Sample, make_batch, response_values, training_plan
 from prorl_megatron.train import aggregation_share
 
 
@@ -34,8 +35,8 @@ def test_rows_trims_padding_and_keeps_indices_valid():
     assert int(part["response_index"].max()) <= part["input_ids"].shape[1] - 2
 
 
-def test_split_evenly_and_plan_cover_every_row_once():
-    assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+def test_even_split_and_plan_cover_every_row_once():
+    assert [list(range(7))[slice(*shard_bounds(7, 3, i))] for i in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
     groups = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     plans = [training_plan(groups, mini_batch_groups=2, dp_size=2, dp_rank=r, micro_batch_size=3) for r in (0, 1)]
     assert [m.rows for m in plans[0]] == [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11]]
