@@ -156,7 +156,9 @@ def main() -> None:
         params_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * args.tp
         largest = max(p.numel() * p.element_size() for p in model.parameters()) * args.tp
         small = max(largest, 1 << 20)
-        peak_small = export_peak_bytes(model, dims, small)
+        # the profiler also sees allocations of other threads (gloo's); the export's own peak is
+        # deterministic, so the least of three measurements is the one that excludes them
+        peak_small = min(export_peak_bytes(model, dims, small) for _ in range(3))
         peak_all = export_peak_bytes(model, dims, 1 << 40)
         # a bucket lives as local shards, gathered shards, full tensors and unfused HF tensors
         if not (peak_small <= 12 * small and 3 * peak_small <= peak_all):
