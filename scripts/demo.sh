@@ -7,7 +7,7 @@
 # Extra arguments are recipe overrides, e.g. `bash scripts/demo.sh train.steps=30`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/setup_env.sh"
+source "$ROOT/scripts/setup_env.sh" demo
 cd "$ROOT"
 RUN=runs/tiny-cpu
 python -m prorl_megatron.demo.tiny_base --out runs/tiny-base/hf

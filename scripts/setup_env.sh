@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Create (or reuse) the project's virtual environment in .venv and install the pinned CPU
-# dependencies into it. Sourced by scripts/demo.sh and scripts/test.sh; safe to re-run:
-# nothing is reinstalled unless pyproject.toml changed.
+# Check (and where allowed install) the system packages, then create (or reuse) the project's
+# virtual environment in .venv and install the pinned CPU dependencies into it. Sourced by
+# scripts/demo.sh and scripts/test.sh with what they need (`source setup_env.sh demo|test`); safe
+# to re-run: nothing is reinstalled unless pyproject.toml changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PRORL_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
+
+PYTHON="$PYTHON" bash "$ROOT/scripts/system_packages.sh" "${1:-}"
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating virtual environment $VENV"

@@ -2,6 +2,6 @@
 # The test suite on CPU: sets up .venv, then runs pytest (extra arguments go to pytest).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/setup_env.sh"
+source "$ROOT/scripts/setup_env.sh" test
 cd "$ROOT"
 exec python -m pytest "$@"
