@@ -1,6 +1,7 @@
 """Model-written code runs only in the sandbox: right programs pass, hostile ones score 0 and harm nothing."""
 
 import os
+import resource
 import subprocess
 import time
 
@@ -12,6 +13,22 @@ from prorl_megatron.rewards.text import VerifyContext
 
 LIMITS = Limits(cpu_s=2, wall_s=3, memory_mib=256, max_processes=32, max_file_mib=4)
 UID = 61990
+
+
+@pytest.fixture(scope="module", autouse=True)
+def safety_cap():
+    """A cap far above LIMITS on the sandbox uid's tasks, should the sandbox's own bound fail:
+    RLIMIT_NPROC set in each run's first process before it leaves root (root is exempt)."""
+    set_limits = Sandbox._set_limits
+
+    def capped(self, *args):
+        resource.setrlimit(resource.RLIMIT_NPROC, (1024, 1024))
+        set_limits(self, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        if os.geteuid() == 0:
+            mp.setattr(Sandbox, "_set_limits", capped)
+        yield
 
 
 @pytest.fixture(scope="module")
