@@ -43,7 +43,7 @@ from prorl_megatron.models.forward import MicroBatch, run_microbatches
 from prorl_megatron.models.gpt import transformer_config
 from prorl_megatron.models.policy import (
     build_optimizer, build_policy, build_reference, copy_weights, finalize_grads, optimizer_state_is_empty,
-    optimizer_step, reset_optimizer_state, use_loss_scaling, zero_grads,
+    loss_scale, optimizer_step, reset_optimizer_state, still_calibrating, zero_grads,
 )
 from prorl_megatron.parallel import Layout, init_parallel
 from prorl_megatron.rewards.pool import RewardPool, pool_settings
@@ -166,6 +166,8 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
 
     # 10. checkpoint, then 11. the step's metrics record (a logged checkpoint step is on disk)
     metrics["lr"] = cfg.train.lr
+    if loss_scale(run.optimizer) is not None:
+        metrics["loss_scale"] = loss_scale(run.optimizer)
     metrics.update(run.counters)
     stopping = signal_received(run)
     if should_checkpoint(cfg, step) or stopping:
@@ -360,6 +362,10 @@ def update_policy(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: Toke
         run.counters["nonfinite_in_row"] = 0
         return
     run.counters["skipped_updates"] += 1
+    if still_calibrating(run.optimizer):  # fp16: the loss scale backs off from its high start
+        log.info("step %d: fp16 gradient overflow: update skipped, loss scale now %s", run.step,
+                 loss_scale(run.optimizer))
+        return
     run.counters["nonfinite_in_row"] += 1
     log.warning("step %d: non-finite gradients (norm %s): update skipped (%d in a row)",
                 run.step, grad_norm, run.counters["nonfinite_in_row"])
@@ -498,7 +504,6 @@ def setup(recipe: Recipe) -> Run:
         reader.close()
     copy_weights(policy, reference)
     optimizer = build_optimizer(policy_ddp, recipe.train, recipe.precision)
-    use_loss_scaling(policy, optimizer)
 
     engine = RolloutEngine(str(hf_dir), recipe.rollout, recipe.precision, recipe.seed, load_weights=False)
 

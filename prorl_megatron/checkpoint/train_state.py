@@ -63,13 +63,15 @@ def _rng_file(directory: Path, rank: int) -> Path:
     return directory / "rng" / f"rank_{rank:05d}.pt"
 
 
-def _sharded_state(policy: Any, reference: Any, optimizer: Any, with_optimizer: bool,
-                   is_loading: bool = False) -> dict[str, Any]:
+def _sharded_state(policy: Any, reference: Any, optimizer: Any, moments: bool, is_loading: bool = False) -> dict[str, Any]:
+    """The policy, the reference and the optimizer: its fp32 main weights (bf16/fp16), loss
+    scaler and param groups always, and Adam's moments when it has them (``moments``: not
+    right after a reset, when a fresh optimizer has none; megatron then saves none and must
+    not be asked to allocate them for loading)."""
     state = dict(policy.sharded_state_dict())
     policy_state = dict(state)
     state.update(reference.sharded_state_dict(prefix=REFERENCE_PREFIX))
-    if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(policy_state, is_loading=is_loading)
+    state["optimizer"] = optimizer.sharded_state_dict(policy_state, is_loading=is_loading and moments)
     return state
 
 
@@ -79,7 +81,7 @@ def save_checkpoint(root: str | Path, step: int, policy: Any, reference: Any, op
     """Write step ``step``'s checkpoint (collective), point ``latest`` at it, prune old ones.
 
     ``policy``/``reference``: the GPTModel shards; ``loop_state``: JSON-able (scheduler,
-    data position, counters); ``optimizer_empty``: the state was just reset (nothing to save).
+    data position, counters); ``optimizer_empty``: Adam has no moments (just reset).
     """
     root = Path(root)
     if dist.get_rank() == 0:
@@ -135,12 +137,12 @@ def load_checkpoint(path: str | Path, policy: Any, reference: Any, optimizer: An
 
     path = Path(path)
     meta = read_meta(path)
-    with_optimizer = not meta.get("optimizer_empty", False)
+    moments = not meta.get("optimizer_empty", False)
     try:
-        state = dist_checkpointing.load(_sharded_state(policy, reference, optimizer, with_optimizer, True), str(path))
+        state = dist_checkpointing.load(_sharded_state(policy, reference, optimizer, moments, True), str(path))
     except Exception as e:  # megatron raises assorted errors for missing or mismatched shards
         raise CheckpointError(f"{path}: cannot load: {type(e).__name__}: {e}") from e
-    opt_state = state.pop("optimizer", None)
+    opt_state = state.pop("optimizer")
     ref_state = {k[len(REFERENCE_PREFIX):]: v for k, v in state.items() if k.startswith(REFERENCE_PREFIX)}
     policy_state = {k: v for k, v in state.items() if not k.startswith(REFERENCE_PREFIX)}
     for name, model, part in (("policy", policy, policy_state), ("reference", reference, ref_state)):
@@ -149,8 +151,7 @@ def load_checkpoint(path: str | Path, policy: Any, reference: Any, optimizer: An
         unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise CheckpointError(f"{path}: {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
+    optimizer.load_state_dict(opt_state)  # with the fp32 main weights: nothing reverts to the base model
     rng = _rng_file(path, dist.get_rank())
     if meta.get("world_size") == dist.get_world_size() and rng.is_file():
         _restore_rng(torch.load(rng, weights_only=False))

@@ -10,7 +10,7 @@ policy's local shards into it, parameter by parameter, so nothing is gathered or
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -49,7 +49,8 @@ def build_optimizer(ddp: Any, train: TrainConfig, precision: PrecisionConfig) ->
     """megatron's optimizer for the policy: Adam with decoupled weight decay, constant lr.
 
     bf16/fp16 parameters get fp32 main copies; gradients are clipped to ``train.clip_grad``
-    (0: off) by their global norm.
+    (0: off) by their global norm. fp16: megatron's schedules scale each loss by the
+    optimizer's dynamic loss scale (which :func:`optimizer_step` unscales).
     """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -60,12 +61,18 @@ def build_optimizer(ddp: Any, train: TrainConfig, precision: PrecisionConfig) ->
         clip_grad=train.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         params_dtype=dtype, use_distributed_optimizer=False,
     )
-    return get_megatron_optimizer(config, [ddp])
+    optimizer = get_megatron_optimizer(config, [ddp])
+    if config.fp16:
+        ddp.config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def _chained(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _inner_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [o.optimizer for o in chained]
+    return [o.optimizer for o in _chained(optimizer)]
 
 
 def optimizer_state_is_empty(optimizer: Any) -> bool:
@@ -74,26 +81,55 @@ def optimizer_state_is_empty(optimizer: Any) -> bool:
 
 
 def reset_optimizer_state(optimizer: Any) -> None:
-    """Forget the Adam moments and step counts (ProRL's reset); fp32 main weights are kept."""
+    """ProRL's reset: the optimizer continues exactly as a freshly built one would.
+
+    Adam's moments and step count are forgotten wherever the class keeps them: torch's Adam(W)
+    per parameter in ``state``; apex's and Transformer Engine's FusedAdam (what megatron picks
+    on a GPU image) as ``step`` in each param group, which they create on their first step.
+    The fp32 main weights (bf16/fp16) are parameters of the inner optimizer, not state: kept.
+    """
     for inner in _inner_optimizers(optimizer):
         inner.state.clear()
+        for group in inner.param_groups:
+            group.pop("step", None)
+
+
+def loss_scale(optimizer: Any) -> Optional[float]:
+    """The current fp16 loss scale (None without a scaler, as in bf16 and fp32)."""
+    scaler = getattr(_chained(optimizer)[0], "grad_scaler", None)
+    return None if scaler is None else float(scaler.scale)
+
+
+def still_calibrating(optimizer: Any) -> bool:
+    """fp16's dynamic loss scaler starts high and halves on each overflow, skipping that update:
+    such a skip is calibration, not divergence, while the scale is above its minimum."""
+    scaler = getattr(_chained(optimizer)[0], "grad_scaler", None)
+    return scaler is not None and hasattr(scaler, "min_scale") and float(scaler.scale) > float(scaler.min_scale)
 
 
 def optimizer_step(optimizer: Any) -> tuple[bool, float]:
     """Step the optimizer unless the gradients are non-finite; return ``(stepped, grad_norm)``.
 
-    Gradients must be final (after ``finalize_model_grads``). The global gradient norm is
-    computed before the step (megatron's own step would clip and apply a NaN); when it is
-    not finite nothing is updated. All ranks reach the same verdict (the norm is reduced
-    over the model-parallel group and the gradients over data parallel).
+    Gradients must be final (after ``finalize_model_grads``). This is megatron's own step cut
+    at the norm: ``prepare_grads`` (once: it copies the grads to the fp32 main grads and, in
+    fp16, unscales them and updates the loss scale), the global norm, and only when it is finite
+    the clipping by that norm and ``step_with_ready_grads``. All ranks reach the same verdict
+    (the norm is reduced over the model-parallel group, the gradients over data parallel).
     """
-    found_inf = optimizer.prepare_grads()
+    from megatron.core.optimizer.optimizer import clip_grad_by_total_norm_fp32  # as megatron's ChainedOptimizer.step
+
+    if optimizer.prepare_grads():
+        return False, float("inf")
     norm = optimizer.get_grad_norm()
-    norm = float("inf") if norm is None and found_inf else float(norm or 0.0)
-    if found_inf or not math.isfinite(norm):
+    norm = float(norm if norm is not None else 0.0)
+    if not math.isfinite(norm):
         return False, norm
-    stepped, step_norm, _ = optimizer.step()
-    return bool(stepped), float(step_norm if step_norm is not None else norm)
+    for chained in _chained(optimizer):
+        params = chained.get_parameters()
+        if params and chained.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(params, max_norm=chained.config.clip_grad, total_norm=norm,
+                                         use_decoupled_grad=chained.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), norm
 
 
 @torch.no_grad()
@@ -118,9 +154,3 @@ def finalize_grads(ddp: Any) -> None:
     from megatron.core.distributed import finalize_model_grads
 
     finalize_model_grads([ddp])
-
-
-def use_loss_scaling(gpt: Any, optimizer: Any) -> None:
-    """fp16 only: let megatron's schedules scale each loss by the optimizer's loss scale."""
-    if gpt.config.fp16:
-        gpt.config.grad_scale_func = optimizer.scale_loss
