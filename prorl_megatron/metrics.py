@@ -20,6 +20,8 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from prorl_megatron.collect import collective_device
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -147,9 +149,12 @@ class TokenSums:
 
     def means(self, names: list[str], max_names: list[str] = ()) -> dict[str, float]:
         """Collective: ``name -> sum / count`` for ``names`` and the max of ``max_names``."""
-        values = torch.tensor([[self.sums[n], self.counts[n]] for n in names] or [[0.0, 0.0]], dtype=torch.float64)
+        device = collective_device()  # NCCL takes no CPU tensors
+        values = torch.tensor([[self.sums[n], self.counts[n]] for n in names] or [[0.0, 0.0]], dtype=torch.float64,
+                              device=device)
         dist.all_reduce(values)
-        maxima = torch.tensor([self.maxima.get(n, -math.inf) for n in max_names] or [0.0], dtype=torch.float64)
+        maxima = torch.tensor([self.maxima.get(n, -math.inf) for n in max_names] or [0.0], dtype=torch.float64,
+                              device=device)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         out = {n: float(s / c) if c > 0 else 0.0 for n, (s, c) in zip(names, values.tolist())}
         out.update({n: float(v) for n, v in zip(max_names, maxima.tolist())})

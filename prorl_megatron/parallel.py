@@ -2,9 +2,14 @@
 
 One process per device, started by ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK) or by
 Slurm's ``srun`` (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID), with MASTER_ADDR and
-MASTER_PORT naming the rendezvous. A plain ``python`` process is a world of one. The
-backend is NCCL when CUDA is available, gloo otherwise (where :mod:`prorl_megatron.cpu_patches`
-is applied first). The world is laid out as TP x PP x DP; DP is what remains.
+MASTER_PORT naming the rendezvous. A plain ``python`` process is a world of one. With CUDA
+the default group has two backends, ``cpu:gloo,cuda:nccl`` (:func:`process_group_backend`):
+NCCL carries CUDA tensors, gloo CPU tensors, object collectives and barriers, so a CPU tensor
+reaching a collective is not fatal; still, every tensor collective of the package runs on
+the layout's device (:func:`prorl_megatron.collect.collective_device`). Without CUDA it is
+gloo (and :mod:`prorl_megatron.cpu_patches` is applied first). Megatron's groups are made by
+``new_group`` without a backend, so they inherit both. The world is laid out as TP x PP x DP;
+DP is what remains.
 """
 
 from __future__ import annotations
@@ -105,6 +110,17 @@ def check_layout(world_size: int, tensor: int, pipeline: int) -> int:
     return world_size // (tensor * pipeline)
 
 
+def process_group_backend(use_cuda: bool) -> str:
+    """The default group's backend: ``cpu:gloo,cuda:nccl`` with CUDA (NCCL rejects CPU tensors:
+    "No backend type associated with device type cpu"), ``gloo`` without.
+
+    No ``device_id`` is bound: it would only make NCCL connect eagerly and split sub-groups
+    from the world communicator (``ncclCommSplit``); object collectives and barriers on a
+    two-backend group go through gloo, so they need no bound device either.
+    """
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
 def init_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
                   timeout_s: float = 1800.0, env: Optional[Mapping[str, str]] = None) -> Layout:
     """Initialise torch.distributed (if needed) and megatron ``parallel_state``; seed the RNGs.
@@ -133,7 +149,7 @@ def init_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
 
     if not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend=process_group_backend(use_cuda),
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
