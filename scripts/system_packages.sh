@@ -11,6 +11,7 @@ PYTHON="${PYTHON:-python3}"
 # needed by, Debian package, what shows that it is there (programs on PATH, paths, or a check below)
 PACKAGES=(
     "demo  python3-venv  venv"                 # `python3 -m venv` (Debian ships ensurepip apart)
+    "demo  ca-certificates /etc/ssl/certs/ca-certificates.crt"  # pip's TLS to PyPI where PIP_CERT names it
     "demo  python3-dev   Python.h"             # pip builds pycosat (reasoning-gym's) from source
     "demo  gcc           gcc"
     "demo  libc6-dev     /usr/include/stdio.h"
