@@ -1,8 +1,8 @@
 """The ProRL algorithm as pure torch functions: no distributed, Megatron or vLLM imports.
 
 - :mod:`~prorl_megatron.algo.advantages`: GRPO, RLOO, REINFORCE++-baseline;
-- :mod:`~prorl_megatron.algo.losses`: clipped surrogate (decoupled eps, dual clip),
-  KL estimators, loss aggregation;
+- :mod:`~prorl_megatron.algo.losses`: clipped surrogate (decoupled eps, dual clip,
+  importance weights), KL estimators, loss aggregation, the whole objective;
 - :mod:`~prorl_megatron.algo.sampling`: dynamic-sampling filter, pass@k;
 - :mod:`~prorl_megatron.algo.reset`: the reference-reset scheduler;
 - :mod:`~prorl_megatron.algo.rollout_correction`: train/rollout logprob mismatch, TIS weights.
@@ -15,7 +15,7 @@ from prorl_megatron.algo.advantages import (
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
-from prorl_megatron.algo.losses import aggregate, kl_penalty, policy_loss
+from prorl_megatron.algo.losses import aggregate, kl_penalty, policy_kl_loss, policy_loss
 from prorl_megatron.algo.reset import ResetEvent, ResetScheduler
 from prorl_megatron.algo.rollout_correction import logprob_mismatch, tis_weights
 from prorl_megatron.algo.sampling import keep_informative_groups, pass_at_k
@@ -33,6 +33,7 @@ __all__ = [
     "aggregate",
     "kl_penalty",
     "policy_loss",
+    "policy_kl_loss",
     "ResetEvent",
     "ResetScheduler",
     "logprob_mismatch",

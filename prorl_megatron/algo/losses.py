@@ -135,6 +135,7 @@ def policy_loss(
     eps_high: float = 0.4,
     dual_clip_c: Optional[float] = 3.0,
     agg: str = "token-mean",
+    is_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate with decoupled clip range (DAPO) and dual clip (Ye et al., 2020).
 
@@ -142,15 +143,24 @@ def policy_loss(
 
         l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))
         l = min(l, -A c)            where A < 0 (dual clip; dual_clip_c=None disables)
+        l = w l                     with importance weights w (``is_weights``)
 
     then aggregated over ``mask`` by ``agg`` (see :func:`aggregate`). Gradients flow into
-    ``logprobs`` only; ``old_logprobs`` and ``advantages`` are treated as constants.
+    ``logprobs`` only; ``old_logprobs``, ``advantages`` and ``is_weights`` are constants.
+
+    Importance weights (truncated IS of the rollout/train mismatch, see
+    :func:`~prorl_megatron.algo.rollout_correction.tis_weights`) multiply the per-token loss
+    and are *not* a mask: the normaliser stays that of the 0/1 ``mask`` (token-mean is
+    ``sum(m w l) / sum(m)``, as verl's ``pg_losses * rollout_is_weights`` then ``agg_loss``
+    over the response mask), so the correction is not self-normalised. A KL penalty added
+    to this loss is not weighted by them.
 
     Args:
         logprobs: [N, T] current policy logprobs of the sampled tokens.
         old_logprobs: [N, T] logprobs under the policy that generated the batch.
         advantages: [N, T] token advantages.
         mask: bool/float [N, T].
+        is_weights: optional float [N, T] per-token multipliers of the loss (None: all 1).
     Returns:
         ``(loss, metrics)``: loss is a float32 scalar; metrics (Python floats, each a
         fraction or mean over valid tokens): ``clip_frac`` (tokens whose clipped term is
@@ -163,6 +173,8 @@ def policy_loss(
     shape = tuple(logprobs.shape)
     check_shape("old_logprobs", old_logprobs, shape, "[N, T] like logprobs")
     check_shape("advantages", advantages, shape, "[N, T] like logprobs")
+    if is_weights is not None:
+        check_shape("is_weights", is_weights, shape, "[N, T] like logprobs")
     m = mask_as_float(mask, shape)
     if not 0.0 <= eps_low < 1.0:
         raise ValueError(f"eps_low: expected a value in [0, 1), got {eps_low}")
@@ -188,6 +200,8 @@ def policy_loss(
         per_token = torch.where(adv < 0, torch.minimum(per_token, bound), per_token)
     else:
         dual_active = torch.zeros_like(adv, dtype=torch.bool)
+    if is_weights is not None:
+        per_token = per_token * as_float32("is_weights", is_weights).detach()
     loss = AGGREGATIONS[agg](per_token, m)
 
     with torch.no_grad():
@@ -217,3 +231,36 @@ def policy_loss(
             "ratio_max": ratio_max,
         }
     return loss, metrics
+
+
+def policy_kl_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl_coef: float,
+    kl_estimator: str = "k3",
+    is_weights: Optional[torch.Tensor] = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.4,
+    dual_clip_c: Optional[float] = 3.0,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The update's whole objective: ``pg + kl_coef * kl``.
+
+    ``pg`` is :func:`policy_loss` (with the importance weights ``is_weights`` multiplying its
+    per-token loss); ``kl`` is ``aggregate(kl_penalty(logprobs, ref_logprobs), mask, agg)``,
+    *not* weighted: the KL penalty regularises the policy being trained and does not
+    estimate an expectation under the rollout engine's distribution (as verl's ``kl_loss``).
+
+    Returns:
+        ``(loss, pg, kl, metrics)``: three float32 scalars and :func:`policy_loss`'s metrics.
+    """
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef: expected a value >= 0, got {kl_coef}")
+    pg, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, eps_low=eps_low, eps_high=eps_high,
+                              dual_clip_c=dual_clip_c, agg=agg, is_weights=is_weights)
+    kl = aggregate(kl_penalty(logprobs, ref_logprobs, kl_estimator), mask, agg)
+    return pg + kl_coef * kl, pg, kl, metrics

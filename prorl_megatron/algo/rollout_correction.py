@@ -4,7 +4,7 @@ Both sides compute logprobs of the same sampled tokens under the same sampling d
 but with different kernels (vLLM vs Megatron), so they differ slightly — or a lot, when
 something is wrong (stale weights, a temperature applied on one side only). The gap is
 measured every step; truncated importance sampling (TIS, Yao et al., 2025) optionally
-reweights each token by ``min(exp(logp_train_old - logp_rollout), C)``.
+multiplies each token's policy-gradient loss by ``min(exp(logp_train_old - logp_rollout), C)``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask
                 cap: float) -> torch.Tensor:
     """Truncated importance weights [N, T]: ``min(exp(old - rollout), cap)``, 0 outside ``mask``.
 
-    No gradient flows through them. ``cap`` > 0 (C in the TIS paper; 2 is common).
+    No gradient flows through them. ``cap`` > 0 (C in the TIS paper; 2 is common). They
+    multiply the per-token policy-gradient loss (``policy_loss(..., is_weights=w)``), which
+    is still aggregated over the 0/1 mask: they are not a mask (that would self-normalise
+    token-mean by ``sum(w)``) and they do not weight the KL penalty.
     """
     if not cap > 0:
         raise ValueError(f"cap: expected a value > 0, got {cap}")

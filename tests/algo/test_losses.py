@@ -201,3 +201,87 @@ def test_policy_loss_argument_errors():
         L.policy_loss(x, x, x, torch.ones(2, 3), dual_clip_c=0.5)
     with pytest.raises(ValueError, match="agg: unknown aggregation 'mean'"):
         L.policy_loss(x, x, x, torch.ones(2, 3), agg="mean")
+
+
+# ---- importance weights (truncated IS): a per-token multiplier, not a mask ----------------
+
+
+def random_weights(seed: int, shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + seed)
+    return torch.rand(shape, generator=g) * 2.5  # TIS weights in [0, cap=2.5)
+
+
+@pytest.mark.parametrize("agg", MODES)
+@pytest.mark.parametrize("seed", range(3))
+def test_policy_loss_is_weights_multiply_the_token_loss(seed, agg):
+    """agg over the 0/1 mask of w * l: token-mean = sum(m w l) / sum(m), not / sum(m w)."""
+    logp, old, adv, mask = random_tokens(seed)
+    w = random_weights(seed, logp.shape)
+    loss, metrics = L.policy_loss(logp, old, adv, mask, agg=agg, is_weights=w)
+    per_token = [
+        [wt * ref.policy_token_loss(a, b, c, 0.2, 0.4, 3.0) for a, b, c, wt in zip(ra, rb, rc, rw)]
+        for ra, rb, rc, rw in zip(logp.tolist(), old.tolist(), adv.tolist(), w.tolist())
+    ]
+    assert loss.item() == pytest.approx(ref.aggregate(per_token, mask.int().tolist(), agg), rel=1e-5, abs=1e-6)
+    _, unweighted_metrics = L.policy_loss(logp, old, adv, mask, agg=agg)
+    assert metrics == unweighted_metrics  # clip fractions and ratios count tokens, unweighted
+
+
+def test_policy_loss_is_weights_token_mean_hand_values():
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, 2.0, 4.0]])
+    w = torch.tensor([[0.5, 2.0, 9.0]])
+    loss, _ = L.policy_loss(old.clone(), old, adv, torch.tensor([[1, 1, 0]]), is_weights=w)
+    assert loss.item() == pytest.approx(-(0.5 * 1.0 + 2.0 * 2.0) / 2)  # / 2 tokens, not / (0.5 + 2)
+
+
+@pytest.mark.parametrize("agg", MODES)
+def test_policy_loss_unit_is_weights_equal_no_weights(agg):
+    logp, old, adv, mask = random_tokens(3)
+    a = logp.clone().requires_grad_(True)
+    b = logp.clone().requires_grad_(True)
+    loss_a, metrics_a = L.policy_loss(a, old, adv, mask, agg=agg)
+    loss_b, metrics_b = L.policy_loss(b, old, adv, mask, agg=agg, is_weights=torch.ones_like(logp))
+    (loss_a + loss_b).backward()
+    assert loss_a.item() == loss_b.item() and metrics_a == metrics_b
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_policy_loss_is_weights_scale_the_gradient_and_get_none():
+    logp, old, adv, mask = random_tokens(8, gap=0.5)
+    w = random_weights(8, logp.shape).requires_grad_(True)
+    a = logp.clone().requires_grad_(True)
+    b = logp.clone().requires_grad_(True)
+    L.policy_loss(a, old, adv, mask)[0].backward()
+    L.policy_loss(b, old, adv, mask, is_weights=w)[0].backward()
+    torch.testing.assert_close(b.grad, a.grad * w.detach(), rtol=1e-5, atol=1e-8)
+    assert w.grad is None
+    with pytest.raises(ValueError, match=r"is_weights: expected shape \[N, T\] like logprobs"):
+        L.policy_loss(logp, old, adv, mask, is_weights=torch.ones(2))
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("agg", MODES)
+def test_policy_kl_loss_weights_the_policy_term_only(agg, estimator):
+    """loss = agg(m, w l_pg) + beta agg(m, kl): the KL term ignores the importance weights."""
+    logp, old, adv, mask = random_tokens(5)
+    g = torch.Generator().manual_seed(9)
+    ref_lp = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    w = random_weights(5, logp.shape)
+    beta = 0.25
+    loss, pg, kl, metrics = L.policy_kl_loss(logp, old, ref_lp, adv, mask, kl_coef=beta, kl_estimator=estimator,
+                                             is_weights=w, agg=agg)
+    m = mask.int().tolist()
+    want_pg = ref.aggregate([[wt * ref.policy_token_loss(a, b, c, 0.2, 0.4, 3.0)
+                              for a, b, c, wt in zip(ra, rb, rc, rw)]
+                             for ra, rb, rc, rw in zip(logp.tolist(), old.tolist(), adv.tolist(), w.tolist())], m, agg)
+    want_kl = ref.aggregate(L.kl_penalty(logp, ref_lp, estimator).tolist(), m, agg)
+    assert pg.item() == pytest.approx(want_pg, rel=1e-5, abs=1e-6)
+    assert kl.item() == pytest.approx(want_kl, rel=1e-5, abs=1e-6)
+    assert loss.item() == pytest.approx(want_pg + beta * want_kl, rel=1e-5, abs=1e-6)
+    _, _, kl_unweighted, _ = L.policy_kl_loss(logp, old, ref_lp, adv, mask, kl_coef=beta, kl_estimator=estimator,
+                                              agg=agg)
+    assert kl.item() == kl_unweighted.item()
+    assert set(metrics) >= {"clip_frac", "ratio_mean"}
+    with pytest.raises(ValueError, match="kl_coef: expected a value >= 0"):
+        L.policy_kl_loss(logp, old, ref_lp, adv, mask, kl_coef=-1.0)
