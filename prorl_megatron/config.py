@@ -78,7 +78,7 @@ class RolloutConfig:
 
     n: int = 16  # samples per prompt (GRPO group size)
     temperature: float = 1.2  # ProRL samples at 1.2
-    top_p: float = 1.0
+    top_p: float = 1.0  # must be 1 (see Recipe.validate); evaluation has its own eval.top_p
     max_prompt_tokens: int = 1024
     max_response_tokens: int = 8192  # 8k, then 16k in ProRL's last stage
     stop: list[str] = field(default_factory=list)
@@ -176,6 +176,7 @@ class EvalConfig:
     n_samples: int = 16
     ks: list[int] = field(default_factory=lambda: [1, 16])
     temperature: float = 0.6
+    top_p: float = 1.0  # nucleus sampling for evaluation only (training rollouts refuse top_p < 1)
 
 
 @dataclass
@@ -264,7 +265,13 @@ class Recipe:
             need(self.algo.dual_clip_c > 1.0, f"algo.dual_clip_c must be > 1 (or null), got {self.algo.dual_clip_c}")
         need(self.algo.kl_coef >= 0.0, f"algo.kl_coef must be >= 0, got {self.algo.kl_coef}")
         need(self.rollout.temperature > 0.0, f"rollout.temperature must be > 0, got {self.rollout.temperature}")
-        need(0.0 < self.rollout.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
+        need(
+            self.rollout.top_p == 1.0,
+            f"rollout.top_p must be 1.0, got {self.rollout.top_p}: vLLM renormalises the sampling distribution "
+            "over the top-p nucleus and the trainer's logprobs do not, so the rollout/train logprob mismatch and "
+            "the TIS weights (rollout.tis_cap) would be biased; top-p is allowed for evaluation (eval.top_p)",
+        )
+        need(0.0 < self.eval.top_p <= 1.0, f"eval.top_p must be in (0, 1], got {self.eval.top_p}")
         need(
             0.0 < self.rollout.gpu_memory_utilization <= 1.0,
             f"rollout.gpu_memory_utilization must be in (0, 1], got {self.rollout.gpu_memory_utilization}",
@@ -284,6 +291,15 @@ class Recipe:
             f"a mini-batch of train.mini_batch_prompts x rollout.n = "
             f"{self.train.mini_batch_prompts * self.rollout.n} sequences must be a multiple of "
             f"train.micro_batch_size ({self.train.micro_batch_size})",
+        )
+        from prorl_megatron.rollout.seeds import TRAINING_SPAN, training_seeds_used
+
+        seeds = training_seeds_used(self.train.steps, self.algo.max_sampling_rounds, self.train.prompts_per_step,
+                                    self.rollout.n)
+        need(
+            seeds <= TRAINING_SPAN,
+            f"(train.steps + 1) x algo.max_sampling_rounds x train.prompts_per_step x rollout.n = {seeds} "
+            f"sampling seeds exceed the {TRAINING_SPAN} distinct ones a run has (prorl_megatron/rollout/seeds.py)",
         )
         need(self.rewards.timeout_s > 0, f"rewards.timeout_s must be > 0, got {self.rewards.timeout_s}")
         need(

@@ -24,10 +24,9 @@ from prorl_megatron.algo.sampling import pass_at_k
 from prorl_megatron.collect import map_over_world
 from prorl_megatron.data.chat import EncodedPrompt
 from prorl_megatron.rewards.pool import RewardPool, ScoreRequest
+from prorl_megatron.rollout.seeds import eval_base_seed
 
 log = logging.getLogger(__name__)
-
-EVAL_SEED_OFFSET = 7  # evaluation samples with recipe.seed + this
 
 
 def score_rollouts(pool: RewardPool, prompts: list[EncodedPrompt], rollouts: list[list[Any]]) -> list[list[float]]:
@@ -61,12 +60,15 @@ def pass_at_k_table(domains: list[str], rewards: list[list[float]], ks: list[int
 def evaluate(engine: Any, pool: RewardPool, prompts: list[EncodedPrompt], recipe: Any) -> dict[str, float]:
     """Pass@k of the engine's current weights on ``prompts`` (collective over the world).
 
-    ``recipe.eval`` gives n, ks and the temperature; responses get ``rollout.max_response_tokens``;
-    sampling is seeded with ``recipe.seed + EVAL_SEED_OFFSET`` (in training and standalone alike).
+    ``recipe.eval`` gives n, ks, the temperature and top-p; responses get
+    ``rollout.max_response_tokens``; sampling is seeded from ``recipe.seed`` by
+    :func:`~prorl_megatron.rollout.seeds.eval_base_seed` (the same seeds at every evaluation,
+    in training and standalone alike, none shared with training rollouts).
     """
     cfg = recipe.eval
-    rollouts = engine.generate_global([p.ids for p in prompts], seed=recipe.seed + EVAL_SEED_OFFSET,
-                                      n=cfg.n_samples, temperature=cfg.temperature,
+    rollouts = engine.generate_global([p.ids for p in prompts],
+                                      seed=eval_base_seed(recipe.seed, len(prompts), cfg.n_samples),
+                                      n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                       max_tokens=recipe.rollout.max_response_tokens)
     rewards = score_rollouts(pool, prompts, rollouts)
     table = pass_at_k_table([p.row.domain for p in prompts], rewards, cfg.ks)

@@ -26,13 +26,14 @@ import torch
 import torch.distributed as dist
 
 from prorl_megatron.algo import (
-    ResetScheduler, aggregate, compute_advantages, keep_informative_groups, kl_penalty, logprob_mismatch,
-    policy_loss, tis_weights,
+    ResetScheduler, compute_advantages, keep_informative_groups, kl_penalty, logprob_mismatch,
+    policy_kl_loss, tis_weights,
 )
 from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir, load_model
 from prorl_megatron.checkpoint.hf_io import CheckpointError, HFReader
 from prorl_megatron.checkpoint.train_state import find_checkpoint, load_checkpoint, save_checkpoint
 from prorl_megatron.checkpoint.transfer import load_hf_weights
+from prorl_megatron.collect import any_rank
 from prorl_megatron.config import ConfigError, Recipe, add_recipe_arguments, recipe_from_args, to_dict
 from prorl_megatron.data.chat import EncodedPrompt, encode
 from prorl_megatron.data.dataset import DataError, PromptMixture, load_rows
@@ -50,12 +51,10 @@ from prorl_megatron.rewards.pool import RewardPool, pool_settings
 from prorl_megatron.rollout.batch import (
     MiniBatch, Sample, TrainBatch, make_batch, micro_batches, response_values, training_plan,
 )
-from prorl_megatron.rollout.weight_sync import check_sync, sync_weights
+from prorl_megatron.rollout.seeds import rollout_base_seed
+from prorl_megatron.rollout.weight_sync import SYNC_TOLERANCES, check_sync, sync_weights
 
 log = logging.getLogger("prorl_megatron.train")
-
-SEED_STRIDE_STEP = 1_000_000  # vLLM seeds: recipe seed + step * 1e6 + round * 1e5 + prompt index
-SEED_STRIDE_ROUND = 100_000
 
 
 class TrainingStopped(RuntimeError):
@@ -142,9 +141,10 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
                                 cfg.rollout.sync_bucket_mib << 20)
             metrics["sync/bytes"] = sync.bytes
             if cfg.rollout.check_sync_every and step % cfg.rollout.check_sync_every == 0:
-                metrics["sync/max_logprob_diff"] = check_sync(run.policy, run.dims, run.engine,
-                                                              [s.prompt_ids + s.response_ids for s in samples[:4]],
-                                                              atol=sync_tolerance(cfg))
+                parity = check_sync(run.policy, run.dims, run.engine,
+                                    [s.prompt_ids + s.response_ids for s in samples[:4]],
+                                    SYNC_TOLERANCES[cfg.precision.params_dtype])
+                metrics.update({f"sync/logprob_diff_{k}": v for k, v in parity.items()})
         metrics.update(sums.means(
             ["entropy", "kl_ref", "mismatch_mean", "loss", "pg_loss", "kl_loss", "clip_frac", "clip_frac_high",
              "clip_frac_low", "dual_clip_frac", "approx_kl", "ratio_mean", "grad_norm"],
@@ -203,8 +203,9 @@ def collect_samples(run: Run, step: int, timer: PhaseTimer) -> tuple[list[Sample
         drawn += count
         with timer("rollout"):
             run.engine.wake_up()
-            rollouts = run.engine.generate_global([p.ids for p in prompts],
-                                                  seed=cfg.seed + step * SEED_STRIDE_STEP + rounds * SEED_STRIDE_ROUND)
+            seed = rollout_base_seed(cfg.seed, step, rounds - 1, rounds_per_step=cfg.algo.max_sampling_rounds,
+                                     prompts_per_round=target, n=cfg.rollout.n)  # one stream per sample
+            rollouts = run.engine.generate_global([p.ids for p in prompts], seed=seed)
             run.engine.sleep()
         with timer("reward"):
             rewards = score_rollouts(run.pool, prompts, rollouts)
@@ -332,13 +333,13 @@ def update_policy(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: Toke
     def loss_fn(logprobs: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         x = mb.extras
         lp = response_values(logprobs, x["response_index"])
-        weights = x["mask"].float()
+        weights = None  # TIS: multiplies the policy-gradient loss only; the mask stays 0/1
         if cfg.rollout.tis_cap is not None:
             weights = tis_weights(x["old_logprobs"], x["rollout_logprobs"], x["mask"], cfg.rollout.tis_cap)
-        pg, stats = policy_loss(lp, x["old_logprobs"], x["advantages"], weights, eps_low=algo.eps_low,
-                                eps_high=algo.eps_high, dual_clip_c=algo.dual_clip_c, agg=algo.loss_agg)
-        kl = aggregate(kl_penalty(lp, x["ref_logprobs"], algo.kl_estimator), weights, algo.loss_agg)
-        loss = pg + algo.kl_coef * kl
+        loss, pg, kl, stats = policy_kl_loss(
+            lp, x["old_logprobs"], x["ref_logprobs"], x["advantages"], x["mask"], kl_coef=algo.kl_coef,
+            kl_estimator=algo.kl_estimator, is_weights=weights, eps_low=algo.eps_low, eps_high=algo.eps_high,
+            dual_clip_c=algo.dual_clip_c, agg=algo.loss_agg)
         share = aggregation_share(cfg, x["mask"], mini_mask.to(x["mask"].device))
         tokens = float(x["mask"].sum())
         return loss * (share * scale), {"tokens": tokens, "loss": float(loss), "pg_loss": float(pg),
@@ -374,11 +375,6 @@ def update_policy(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: Toke
             f"{run.counters['nonfinite_in_row']} updates in a row had non-finite gradients "
             f"(train.max_nonfinite_in_row={cfg.train.max_nonfinite_in_row}); stopping. Resume from the last "
             f"checkpoint with a lower train.lr or a smaller train.clip_grad.")
-
-
-def sync_tolerance(cfg: Recipe) -> float:
-    """How far the engine's logprobs may be from the policy's (kernels differ; bf16 more)."""
-    return 1e-3 if cfg.precision.params_dtype == "float32" else 5e-2
 
 
 def validate(run: Run, step: int) -> dict[str, float]:
@@ -445,9 +441,7 @@ def install_signal_handlers(run: Run) -> None:
 
 def signal_received(run: Run) -> bool:
     """Collective: did any rank get a stop signal? (srun signals ranks at slightly different times)."""
-    flag = torch.tensor([1.0 if run.stop_signal else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank(bool(run.stop_signal))
 
 
 # --------------------------------------------------------------------------------------
@@ -543,7 +537,7 @@ def train(recipe: Recipe) -> Run:
     sync_weights(run.policy, run.dims, run.engine, cfg.precision.params_dtype, cfg.rollout.sync_bucket_mib << 20)
     if cfg.rollout.check_sync_every:
         probe = [p.ids for p in run.val_prompts[:4]] or [[run.pad_id, run.pad_id]]
-        check_sync(run.policy, run.dims, run.engine, probe, atol=sync_tolerance(cfg))
+        check_sync(run.policy, run.dims, run.engine, probe, SYNC_TOLERANCES[cfg.precision.params_dtype])
     if run.step == 0 and cfg.eval.every_n_steps:
         run.writer.write(0, validate(run, 0))
     try:

@@ -131,3 +131,26 @@ def test_cli_print_config_and_errors():
     bad = subprocess.run([sys.executable, "-m", "prorl_megatron.config", "--recipe", "recipes/tiny_cpu.yaml",
                           "algo.eps_hgih=0.3"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'algo.eps_high'" in bad.stderr
+
+
+def test_training_rollouts_refuse_top_p_below_one_and_eval_has_its_own(tmp_path):
+    path = write(tmp_path, "")
+    with pytest.raises(C.ConfigError) as e:
+        C.load_recipe(path, ["rollout.top_p=0.95"])
+    msg = str(e.value)
+    assert "rollout.top_p must be 1.0, got 0.95" in msg
+    assert "nucleus" in msg and "rollout.tis_cap" in msg and "eval.top_p" in msg
+    r = C.load_recipe(path, ["eval.top_p=0.95", "rollout.top_p=1"])
+    assert r.eval.top_p == 0.95 and r.rollout.top_p == 1.0
+    assert C.Recipe().eval.top_p == 1.0
+    for bad in ("0", "1.5"):
+        with pytest.raises(C.ConfigError, match=rf"eval.top_p must be in \(0, 1\], got {bad}"):
+            C.load_recipe(path, [f"eval.top_p={bad}"])
+
+
+def test_sampling_seed_budget_is_checked(tmp_path):
+    path = write(tmp_path, "")
+    C.load_recipe(path, ["train.steps=100000"])  # 100001 x 4 x 256 x 16 < 2**31
+    with pytest.raises(C.ConfigError, match=r"\(train.steps \+ 1\) x algo.max_sampling_rounds x "
+                                            r"train.prompts_per_step x rollout.n = \d+ sampling seeds exceed"):
+        C.load_recipe(path, ["train.steps=1000000"])

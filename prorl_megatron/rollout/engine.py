@@ -21,6 +21,7 @@ import torch
 from prorl_megatron.checkpoint.hf_mapping import rules as mapping_rules
 from prorl_megatron.config import PrecisionConfig, RolloutConfig
 from prorl_megatron.models.architectures import model_dims, read_hf_config
+from prorl_megatron.rollout.seeds import request_seed
 
 log = logging.getLogger(__name__)
 
@@ -116,22 +117,27 @@ class RolloutEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], n: Optional[int] = None,
                  temperature: Optional[float] = None, max_tokens: Optional[int] = None,
-                 seed: Optional[int] = None, stop_token_ids: Sequence[int] = ()) -> list[list[Rollout]]:
+                 seed: Optional[int] = None, stop_token_ids: Sequence[int] = (),
+                 top_p: Optional[float] = None, first_index: int = 0) -> list[list[Rollout]]:
         """``n`` samples for each prompt (token ids); recipe values unless overridden.
 
-        ``seed`` makes the request's sampling reproducible (prompt i uses seed + i).
+        ``seed`` makes the sampling reproducible: sample ``j`` of ``prompts[i]`` is seeded
+        ``request_seed(seed, first_index + i, n) + j`` (:mod:`~prorl_megatron.rollout.seeds`):
+        every (prompt, sample) of a round has its own noise stream. ``first_index``: the index
+        of ``prompts[0]`` in the whole round, when this is a share of it.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         cfg = self.rollout
+        samples_per_prompt = n or cfg.n
 
         def params(i: int) -> SamplingParams:
             return SamplingParams(
-                n=n or cfg.n, temperature=cfg.temperature if temperature is None else temperature,
-                top_p=cfg.top_p, max_tokens=max_tokens or cfg.max_response_tokens, logprobs=0,
-                stop=list(cfg.stop) or None, stop_token_ids=list(stop_token_ids) or None,
-                seed=None if seed is None else seed + i,
+                n=samples_per_prompt, temperature=cfg.temperature if temperature is None else temperature,
+                top_p=cfg.top_p if top_p is None else top_p, max_tokens=max_tokens or cfg.max_response_tokens,
+                logprobs=0, stop=list(cfg.stop) or None, stop_token_ids=list(stop_token_ids) or None,
+                seed=None if seed is None else request_seed(seed, first_index + i, samples_per_prompt),
             )
 
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
@@ -148,12 +154,12 @@ class RolloutEngine:
     def generate_global(self, prompts: Sequence[Sequence[int]], seed: int, **kwargs) -> list[list[Rollout]]:
         """:meth:`generate` for a list of prompts that every rank holds: each engine
         data-parallel replica samples its contiguous share, and all results are gathered on
-        every rank. Prompt ``i`` is sampled with seed ``seed + i`` whatever the layout, so the
-        samples do not depend on the number of replicas."""
+        every rank. Prompt ``i`` is seeded by its index in ``prompts`` whatever the layout, so
+        the samples do not depend on the number of replicas."""
         from prorl_megatron.collect import gather_lists, shard_bounds
 
         start, end = shard_bounds(len(prompts), self.data_parallel, self.dp_rank)
-        mine = self.generate(prompts[start:end], seed=seed + start, **kwargs) if end > start else []
+        mine = self.generate(prompts[start:end], seed=seed, first_index=start, **kwargs) if end > start else []
         by_replica: dict[int, list[list[Rollout]]] = {}
         for replica, result in gather_lists([self.dp_rank, mine]):  # a replica's ranks agree
             by_replica.setdefault(replica, result)

@@ -43,7 +43,7 @@ def test_tp2_run_resets_evaluates_checkpoints_and_plots(tiny_base, tmp_path):
         assert key in step, key
     assert step["updates"] == 2 and step["skipped_updates"] == 0
     assert step["mismatch_max"] < 1e-3  # fp32 vLLM vs fp32 Megatron on the same weights
-    assert m[(2, None)]["sync/max_logprob_diff"] < 1e-3
+    assert m[(2, None)]["sync/logprob_diff_max"] < 1e-3
     assert 0.0 < step["entropy"] < 3.5
 
     ckpt = tmp_path / "ckpt"
@@ -70,7 +70,7 @@ def test_pp2_run_trains(tiny_base, tmp_path):
     m = metrics(tmp_path)
     for step in (1, 2):
         assert m[(step, None)]["updates"] == 2 and m[(step, None)]["skipped_updates"] == 0
-        assert m[(step, None)]["sync/max_logprob_diff"] < 1e-3
+        assert m[(step, None)]["sync/logprob_diff_max"] < 1e-3
         assert m[(step, None)]["grad_norm"] > 0
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000002"  # the final step is saved
 
