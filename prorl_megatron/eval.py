@@ -78,12 +78,10 @@ def evaluate(engine: Any, pool: RewardPool, prompts: list[EncodedPrompt], recipe
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir, load_model, read_meta
+    from prorl_megatron import run_log
+    from prorl_megatron.checkpoint.dist_ckpt import read_meta
     from prorl_megatron.config import add_recipe_arguments, recipe_from_args
-    from prorl_megatron.data.chat import encode
     from prorl_megatron.data.dataset import load_rows
-    from prorl_megatron.parallel import init_parallel
-    from prorl_megatron.rewards.pool import pool_settings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(parser)
@@ -91,25 +89,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", nargs="*", help="prompt files (default: the recipe's data.val_files)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = recipe_from_args(args)
     files = args.files or recipe.data.val_files
     if not files:
         parser.error("no prompts: pass --files or set data.val_files")
     checkpoint = Path(args.checkpoint)
-    megatron_ckpt = (checkpoint / "prorl_meta.json").is_file()
-    if megatron_ckpt:
+    if (checkpoint / "prorl_meta.json").is_file():
         read_meta(checkpoint)
     elif not (checkpoint / "config.json").is_file():
         raise SystemExit(f"{checkpoint}: neither a Megatron checkpoint (prorl_meta.json) nor a HF directory")
-    hf_dir = str(hf_config_dir(checkpoint) if megatron_ckpt else checkpoint)
     rows = load_rows(files, recipe.data.on_bad_row).rows
+    # library notices and every rank's log go to {logging.dir}/eval.log (see run_log)
+    with run_log.routed(recipe.logging.dir, name="eval.log"):
+        table = evaluate_checkpoint(checkpoint, rows, recipe)
+    import torch.distributed as dist
 
-    layout = init_parallel(recipe.parallel.tensor, recipe.parallel.pipeline, seed=recipe.seed)
+    if dist.get_rank() == 0:
+        print(json.dumps(table, indent=2, sort_keys=True))
+        if args.out:
+            Path(args.out).write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def evaluate_checkpoint(checkpoint: Path, rows: list[Any], recipe: Any) -> dict[str, float]:
+    """:func:`evaluate` on ``rows`` with the weights of ``checkpoint`` (Megatron or HF; collective)."""
     from transformers import AutoTokenizer
 
+    from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir, load_model
+    from prorl_megatron.data.chat import encode
+    from prorl_megatron.parallel import init_parallel
+    from prorl_megatron.rewards.pool import pool_settings
     from prorl_megatron.rollout.engine import RolloutEngine
 
+    megatron_ckpt = (checkpoint / "prorl_meta.json").is_file()
+    hf_dir = str(hf_config_dir(checkpoint) if megatron_ckpt else checkpoint)
+    init_parallel(recipe.parallel.tensor, recipe.parallel.pipeline, seed=recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=recipe.model.trust_remote_code)
     prompts = [encode(r, tokenizer, recipe.data.apply_chat_template) for r in rows]
     engine = RolloutEngine(hf_dir, recipe.rollout, recipe.precision, recipe.seed, load_weights=not megatron_ckpt)
@@ -124,16 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         sync_weights(model, dims, engine, recipe.precision.params_dtype, recipe.rollout.sync_bucket_mib << 20)
     with RewardPool(recipe.rewards.workers, pool_settings(recipe.rewards),
                     code=any(p.row.domain == "code" for p in prompts)) as pool:
-        table = evaluate(engine, pool, prompts, recipe)
-    import torch.distributed as dist
-
-    if dist.get_rank() == 0:
-        print(json.dumps(table, indent=2, sort_keys=True))
-        if args.out:
-            Path(args.out).write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-    del layout
-    sys.stdout.flush()
-    return 0
+        return evaluate(engine, pool, prompts, recipe)
 
 
 if __name__ == "__main__":

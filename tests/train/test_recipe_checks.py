@@ -6,25 +6,31 @@ import sys
 from tests.train.conftest import ROOT, env
 
 
-def train(*overrides):
+def train(*overrides, logs=None):
+    """The trainer alone (one process); ``logs``: its logging.dir (train.log), else the recipe's."""
+    logging_dir = [f"logging.dir={logs}"] if logs else []
     return subprocess.run([sys.executable, "-m", "prorl_megatron.train", "--recipe", "recipes/tiny_cpu.yaml",
-                           *overrides], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+                           *overrides, *logging_dir], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_bad_data_row_is_named_by_file_and_row(tiny_base, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "domain": "math", "prompt": "1+1=", "ground_truth": {"answer": "2"}}\n'
                    '{"id": "b", "domain": "poetry", "prompt": "x", "ground_truth": {}}\n')
-    out = train(f"model.hf_path={tiny_base}", f"data.train_files=[{bad}]", f"checkpoint.dir={tmp_path}/c")
+    out = train(f"model.hf_path={tiny_base}", f"data.train_files=[{bad}]", f"checkpoint.dir={tmp_path}/c",
+                logs=tmp_path)
     assert out.returncode == 2
     assert "bad.jsonl" in out.stderr and "domain" in out.stderr
-    assert "Setting up optimizer" not in out.stderr + out.stdout  # nothing was built
+    log = (tmp_path / "train.log").read_text()
+    assert "Setting up optimizer" not in log + out.stderr + out.stdout  # nothing was built
+    assert "bad.jsonl" in log  # the error is in the run's log too
 
 
 def test_missing_model_and_bad_resume_target(tiny_base, tmp_path):
-    out = train(f"model.hf_path={tmp_path}/nothing-here")
+    out = train(f"model.hf_path={tmp_path}/nothing-here", logs=tmp_path)
     assert out.returncode == 2 and "nothing-here/config.json not found" in out.stderr
-    out = train(f"model.hf_path={tiny_base}", f"checkpoint.resume={tmp_path}/gone")
+    out = train(f"model.hf_path={tiny_base}", f"checkpoint.resume={tmp_path}/gone", logs=tmp_path)
     assert out.returncode == 2 and "gone: checkpoint directory not found" in out.stderr
 
 
