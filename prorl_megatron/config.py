@@ -61,6 +61,9 @@ class PrecisionConfig:
     fp8: Optional[Literal["e4m3", "hybrid"]] = None  # None: no FP8
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
     grad_reduce_in_fp32: bool = True
+    # float16 only: the dynamic loss scale's start (halved on each overflow, that update skipped;
+    # torch AMP's default, where megatron's 2**32 would skip the first ~30 updates of a run)
+    initial_loss_scale: float = 65536.0
 
 
 @dataclass

@@ -50,6 +50,26 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def stop_signal_lead_s(records: list[dict[str, Any]], margin: float = 1.5, floor_s: int = 300) -> int:
+    """Seconds before a time limit the stop signal must come so that the checkpoint is on disk
+    in time (Slurm's ``--signal=USR1@N``), from a run's measured phase times.
+
+    The trainer reads the signal after each rollout round (abandoning the step) and at the end
+    of the step, so the longest wait is the longer of the rollout (+ reward scoring) and the
+    rest of the step (logprob, update, sync, eval), then one checkpoint write; times ``margin``,
+    at least ``floor_s``, rounded up to a minute.
+    """
+    def t(record: dict[str, Any], *phases: str) -> float:
+        return sum(float(record.get(f"time/{p}", 0.0)) for p in phases)
+
+    steps = [r for r in records if "event" not in r and "time/step" in r]
+    if not steps:
+        return floor_s
+    wait = max(max(t(r, "rollout", "reward"), t(r, "logprob", "update", "sync", "eval")) for r in steps)
+    write = max(t(r, "checkpoint") for r in steps)
+    return max(floor_s, 60 * math.ceil(margin * (wait + write) / 60))
+
+
 class MetricsWriter:
     """Writes step metrics and events on rank 0 (a no-op elsewhere)."""
 
@@ -162,7 +182,8 @@ class TokenSums:
 
 
 class Progress:
-    """A tqdm bar on rank 0: step, reward, KL and the ETA."""
+    """A tqdm bar on rank 0: step, reward, KL and the ETA; it and :meth:`write`'s lines go to
+    the console (:func:`~prorl_megatron.run_log.console`), not to the run's log."""
 
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
         self._bar = None
@@ -170,7 +191,10 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc="ProRL", unit="step", dynamic_ncols=True)
+            from prorl_megatron.run_log import console
+
+            self._bar = tqdm(total=total, initial=initial, desc="ProRL", unit="step", dynamic_ncols=True,
+                             file=console())
 
     def update(self, metrics: dict[str, Any]) -> None:
         if self._bar is None:
@@ -181,7 +205,7 @@ class Progress:
 
     def write(self, line: str) -> None:
         if self._bar is not None:
-            self._bar.write(line)
+            self._bar.write(line, file=self._bar.fp)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -7,8 +7,8 @@ Engine fallbacks, engine settings, NUMA binding, deprecations), once per rank. I
 - every rank's stdout and stderr, file descriptors 1 and 2, append to ``train.log``: Python
   prints, library progress bars and what C++ code writes straight to the descriptors (torch's
   ``[W... utils.cpp]`` lines) land there, nothing is dropped;
-- Python logging (root logger, INFO and up) writes every record to ``train.log``, prefixed with
-  the rank; vLLM's loggers propagate there too (``VLLM_CONFIGURE_LOGGING=0``: vLLM otherwise
+- Python logging (root logger, INFO and up; DEBUG and up for ``prorl_megatron.*``) writes
+  every record to ``train.log``, prefixed with the rank; vLLM's loggers propagate there too (``VLLM_CONFIGURE_LOGGING=0``: vLLM otherwise
   gives its logger a handler of its own, without rank, at its own level);
 - ``warnings`` go to ``train.log`` as log records (logger ``py.warnings``);
 - the console (a duplicate of the original stderr, :func:`console`) shows rank 0's records of
@@ -139,10 +139,12 @@ def routed(log_dir: str | os.PathLike, rank: Optional[int] = None, name: str = L
     console_handler = _ConsoleHandler(_console)
     console_handler.addFilter(_ConsoleFilter(rank))
     console_handler.setFormatter(_ConsoleFormatter(rank))
-    root = logging.getLogger()
-    old_handlers, old_level, old_show = root.handlers[:], root.level, warnings.showwarning
+    console_handler.setLevel(logging.INFO)
+    root, own = logging.getLogger(), logging.getLogger(OWN_LOGGER)
+    old_handlers, old_level, old_own_level, old_show = root.handlers[:], root.level, own.level, warnings.showwarning
     root.handlers = [file_handler, console_handler]
     root.setLevel(logging.INFO)
+    own.setLevel(logging.DEBUG)  # our debug lines (e.g. the engine's sleep/wake order) in the file only
     warnings.showwarning = _show_warning
     try:
         yield path
@@ -162,6 +164,7 @@ def routed(log_dir: str | os.PathLike, rank: Optional[int] = None, name: str = L
         warnings.showwarning = old_show
         root.handlers = old_handlers
         root.setLevel(old_level)
+        own.setLevel(old_own_level)
         file_handler.close()
         file_handler.stream.close()
         _console = None

@@ -13,6 +13,7 @@ SIGUSR1/SIGTERM (Slurm's warning signal) finish the current step, write a checkp
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import signal
@@ -31,7 +32,9 @@ from prorl_megatron.algo import (
 )
 from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir, load_model
 from prorl_megatron.checkpoint.hf_io import CheckpointError, HFReader
-from prorl_megatron.checkpoint.train_state import find_checkpoint, load_checkpoint, save_checkpoint
+from prorl_megatron.checkpoint.train_state import (
+    find_checkpoint, load_checkpoint, restore_rng, rng_states, save_checkpoint,
+)
 from prorl_megatron.checkpoint.transfer import load_hf_weights
 from prorl_megatron.collect import any_rank
 from prorl_megatron.config import ConfigError, Recipe, add_recipe_arguments, recipe_from_args, to_dict
@@ -52,7 +55,7 @@ from prorl_megatron.rollout.batch import (
     MiniBatch, Sample, TrainBatch, make_batch, micro_batches, response_values, training_plan,
 )
 from prorl_megatron.rollout.seeds import rollout_base_seed
-from prorl_megatron.rollout.weight_sync import SYNC_TOLERANCES, check_sync, sync_weights
+from prorl_megatron.rollout.weight_sync import SYNC_TOLERANCES, SyncTolerance, check_sync, sync_weights
 
 log = logging.getLogger("prorl_megatron.train")
 
@@ -63,6 +66,10 @@ class TrainingStopped(RuntimeError):
 
 class StopRequested(Exception):
     """SIGUSR1/SIGTERM arrived; the step finished and a checkpoint was written."""
+
+
+class StepAbandoned(Exception):
+    """A stop signal arrived during the step's rollout, before anything of the step was applied."""
 
 
 EXIT_STOPPED = 3  # exit status after a signal-triggered checkpoint: not finished, resume me
@@ -96,6 +103,7 @@ class Run:
                                                                "too_long_prompts": 0, "resets": 0})
     last_val_reward: Optional[float] = None
     stop_signal: list[int] = field(default_factory=list)
+    saved_step: Optional[int] = None  # the newest checkpoint this run wrote or resumed from
 
 
 # --------------------------------------------------------------------------------------
@@ -114,6 +122,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         log.warning("step %d: no prompt group with a reward signal after %d rounds; no update",
                     step, metrics["sampling/rounds"])
     else:
+        run.engine.sleep()  # its memory goes to the training passes; the sync below brings it back
         # 4. advantages, per token, from the group rewards
         batch = make_batch(samples, run.pad_id)
         if cfg.rollout.truncated == "mask":
@@ -136,14 +145,16 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
                 update_policy(run, batch, mini_batch, sums)
 
         # 7. weight sync: the engine samples the next step with the updated policy
+        free_training_memory()  # before the engine wakes up and takes its memory back
         with timer("sync"):
             sync = sync_weights(run.policy, run.dims, run.engine, cfg.precision.params_dtype,
                                 cfg.rollout.sync_bucket_mib << 20)
             metrics["sync/bytes"] = sync.bytes
             if cfg.rollout.check_sync_every and step % cfg.rollout.check_sync_every == 0:
+                longest = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens - 1  # vLLM's limit
                 parity = check_sync(run.policy, run.dims, run.engine,
-                                    [s.prompt_ids + s.response_ids for s in samples[:4]],
-                                    SYNC_TOLERANCES[cfg.precision.params_dtype])
+                                    [(s.prompt_ids + s.response_ids)[:longest] for s in samples[:4]],
+                                    sync_tolerance(cfg))
                 metrics.update({f"sync/logprob_diff_{k}": v for k, v in parity.items()})
         metrics.update(sums.means(
             ["entropy", "kl_ref", "mismatch_mean", "loss", "pg_loss", "kl_loss", "clip_frac", "clip_frac_high",
@@ -178,10 +189,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     metrics["tokens_per_s"] = metrics.get("tokens", 0) / metrics["time/step"]
     run.writer.write(step, metrics)
     if stopping:
-        if dist.get_rank() == 0:  # for the job script: every rank may not exit with status 3 under srun
-            (Path(cfg.checkpoint.dir) / STOPPED_FILE).write_text(f"{step}\n")
-        raise StopRequested(f"stop signal received: checkpointed step {step} in {cfg.checkpoint.dir}; "
-                            "resume with checkpoint.resume=auto")
+        stop(run, step)
     return metrics
 
 
@@ -201,14 +209,14 @@ def collect_samples(run: Run, step: int, timer: PhaseTimer) -> tuple[list[Sample
         count = min(target, math.ceil(missing / max(keep_rate, 0.1)))
         prompts = draw_prompts(run, count)
         drawn += count
-        with timer("rollout"):
-            run.engine.wake_up()
+        with timer("rollout"):  # the engine is awake with the policy's weights since the last sync
             seed = rollout_base_seed(cfg.seed, step, rounds - 1, rounds_per_step=cfg.algo.max_sampling_rounds,
                                      prompts_per_round=target, n=cfg.rollout.n)  # one stream per sample
             rollouts = run.engine.generate_global([p.ids for p in prompts], seed=seed)
-            run.engine.sleep()
         with timer("reward"):
             rewards = score_rollouts(run.pool, prompts, rollouts)
+        if signal_received(run):  # nothing of this step is applied yet: it is redone after the resume
+            raise StepAbandoned(step)
         round_groups = []
         for prompt, outs, rs in zip(prompts, rollouts, rewards):
             group = []
@@ -342,8 +350,8 @@ def update_policy(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: Toke
             dual_clip_c=algo.dual_clip_c, agg=algo.loss_agg)
         share = aggregation_share(cfg, x["mask"], mini_mask.to(x["mask"].device))
         tokens = float(x["mask"].sum())
-        return loss * (share * scale), {"tokens": tokens, "loss": float(loss), "pg_loss": float(pg),
-                                        "kl_loss": float(kl), **stats}
+        return loss * (share * scale), {"tokens": tokens, "loss": float(loss.detach()), "pg_loss": float(pg.detach()),
+                                        "kl_loss": float(kl.detach()), **stats}
 
     zero_grads(run.policy_ddp, run.optimizer)
     reports = run_microbatches(run.policy_ddp, mbs, vocab_size=run.dims.vocab_size, loss_fn=loss_fn,
@@ -377,6 +385,14 @@ def update_policy(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: Toke
             f"checkpoint with a lower train.lr or a smaller train.clip_grad.")
 
 
+def sync_tolerance(cfg: Recipe) -> SyncTolerance:
+    """The parity check's tolerance for the recipe's dtype. float32 on a GPU computes its matmuls
+    in TF32 where allowed (NGC images force it: TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1), whose
+    10-bit mantissa is float16's: it gets float16's tolerance there."""
+    dtype = cfg.precision.params_dtype
+    return SYNC_TOLERANCES["float16" if dtype == "float32" and torch.cuda.is_available() else dtype]
+
+
 def validate(run: Run, step: int) -> dict[str, float]:
     table = evaluate(run.engine, run.pool, run.val_prompts, run.recipe)
     run.last_val_reward = table["reward"]
@@ -405,14 +421,44 @@ def should_checkpoint(cfg: Recipe, step: int) -> bool:
 
 
 def loop_state(run: Run) -> dict[str, Any]:
-    return {"scheduler": run.scheduler.state_dict(), "data": run.mixture.state_dict(),
-            "counters": dict(run.counters), "last_val_reward": run.last_val_reward}
+    return copy.deepcopy({"scheduler": run.scheduler.state_dict(), "data": run.mixture.state_dict(),
+                          "counters": dict(run.counters), "last_val_reward": run.last_val_reward})
+
+
+def load_loop_state(run: Run, state: dict[str, Any]) -> None:
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.mixture.load_state_dict(state["data"])
+    run.counters.update(state["counters"])
+    run.last_val_reward = state["last_val_reward"]
+
+
+def stop(run: Run, step: int) -> None:
+    """After the checkpoint of ``step``: leave the marker for the job script and stop."""
+    cfg = run.recipe
+    if dist.get_rank() == 0:  # for the job script: every rank may not exit with status 3 under srun
+        (Path(cfg.checkpoint.dir) / STOPPED_FILE).write_text(f"{step}\n")
+    raise StopRequested(f"stop signal received: checkpointed step {step} in {cfg.checkpoint.dir}; "
+                        "resume with checkpoint.resume=auto")
+
+
+def stop_before(run: Run, step: int, start: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """A stop signal came during step ``step``'s rollout: go back to the step's start (data
+    position, counters, RNG states), checkpoint step ``step - 1`` if it is not on disk, stop."""
+    state, rng = start
+    load_loop_state(run, state)
+    restore_rng(rng)
+    done = step - 1
+    if done > 0 and run.saved_step != done:  # every rank knows the same: no file read decides a collective
+        save(run, done)
+    run.progress.write(f"step {step}: stop signal during the rollout: the step is redone after the resume")
+    stop(run, done)
 
 
 def save(run: Run, step: int) -> None:
     cfg = run.recipe
     save_checkpoint(cfg.checkpoint.dir, step, run.policy, run.reference, run.optimizer, run.hf_dir,
                     loop_state(run), optimizer_state_is_empty(run.optimizer), cfg.checkpoint.keep_last)
+    run.saved_step = step
 
 
 def resume(run: Run) -> None:
@@ -421,12 +467,8 @@ def resume(run: Run) -> None:
     if path is None:
         return
     meta = load_checkpoint(path, run.policy, run.reference, run.optimizer)
-    state = meta["loop"]
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.mixture.load_state_dict(state["data"])
-    run.counters.update(state["counters"])
-    run.last_val_reward = state["last_val_reward"]
-    run.step = int(meta["step"])
+    load_loop_state(run, meta["loop"])
+    run.step = run.saved_step = int(meta["step"])
     log.info("resumed from %s (step %d)", path, run.step)
 
 
@@ -437,6 +479,13 @@ def install_signal_handlers(run: Run) -> None:
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, handler)
+
+
+def free_training_memory() -> None:
+    """Return the update's cached allocations to the device before vLLM wakes (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.debug("training memory freed")
 
 
 def signal_received(run: Run) -> bool:
@@ -524,6 +573,9 @@ def setup(recipe: Recipe) -> Run:
                                tensorboard=recipe.logging.tensorboard, wandb=recipe.logging.wandb,
                                wandb_project=recipe.logging.wandb_project, run_name=recipe.name,
                                config=to_dict(recipe))
+    log.info("model %s: %d layers, hidden %d; %d processes: TP %d x PP %d x DP %d; %d train / %d val prompts",
+             hf_dir, dims.num_layers, dims.hidden_size, layout.world_size, layout.tensor, layout.pipeline,
+             layout.data, len(train_rows), len(val_prompts))
     run.progress = Progress(recipe.train.steps, run.step, enabled=rank0)
     return run
 
@@ -537,13 +589,18 @@ def train(recipe: Recipe) -> Run:
     sync_weights(run.policy, run.dims, run.engine, cfg.precision.params_dtype, cfg.rollout.sync_bucket_mib << 20)
     if cfg.rollout.check_sync_every:
         probe = [p.ids for p in run.val_prompts[:4]] or [[run.pad_id, run.pad_id]]
-        check_sync(run.policy, run.dims, run.engine, probe, SYNC_TOLERANCES[cfg.precision.params_dtype])
+        check_sync(run.policy, run.dims, run.engine, probe, sync_tolerance(cfg))
     if run.step == 0 and cfg.eval.every_n_steps:
         run.writer.write(0, validate(run, 0))
     try:
         while run.step < cfg.train.steps:
+            start = loop_state(run), rng_states()
             run.step += 1
-            metrics = train_step(run, run.step)
+            try:
+                metrics = train_step(run, run.step)
+            except StepAbandoned:
+                run.step -= 1
+                stop_before(run, run.step + 1, start)
             run.progress.update(metrics)
             if cfg.logging.console_every and run.step % cfg.logging.console_every == 0:
                 run.progress.write(console_line(run.step, metrics))
@@ -567,11 +624,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    from prorl_megatron import run_log
+
     try:
         recipe = recipe_from_args(args)
-        train(recipe)
+        # before megatron and vLLM are imported (their notices come at import): library output
+        # and every rank's log go to train.log, the console keeps rank 0's own lines and the bar
+        with run_log.routed(recipe.logging.dir) as log_file:
+            log.info("%s: %d steps; every rank's log, library messages included: %s", recipe.name,
+                     recipe.train.steps, log_file)
+            train(recipe)
     except StopRequested as e:
         print(str(e), file=sys.stderr, flush=True)
         return EXIT_STOPPED

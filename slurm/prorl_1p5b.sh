@@ -17,9 +17,11 @@
 #   PRORL_NO_REQUEUE  1: do not requeue after the checkpoint signal   (empty)
 # Arguments after the script are recipe overrides (key.sub=value), passed to the trainer.
 #
-# Week-long runs: ~5 minutes before the time limit Slurm sends SIGUSR1 to every task; the
-# trainer finishes its step, writes a checkpoint and exits with status 3; this script then
-# requeues the job, which resumes from the latest checkpoint (checkpoint.resume=auto). A
+# Week-long runs: 20 minutes before the time limit Slurm sends SIGUSR1 to every task; the
+# trainer abandons the step if it is still in its rollout (checkpointing the previous step)
+# or finishes it, writes a checkpoint and exits with status 3; this script then requeues the
+# job, which resumes from the latest checkpoint (checkpoint.resume=auto). Set the lead from
+# measured step times: `python tools/plot.py runs/<name>/logs` prints the --signal to use. A
 # stage change is an override on the next submission (e.g. rollout.max_response_tokens=16384).
 # Alternative to requeueing: chain jobs with `sbatch --dependency=singleton --job-name=prorl ...`
 # submitted several times; each starts when the previous one ends and resumes the same run.
@@ -31,7 +33,7 @@
 #SBATCH --cpus-per-task=16
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
-#SBATCH --signal=USR1@300
+#SBATCH --signal=USR1@1200
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prorl_megatron.metrics import METRICS_FILE, read_jsonl  # noqa: E402
+from prorl_megatron.metrics import METRICS_FILE, read_jsonl, stop_signal_lead_s  # noqa: E402
 
 PANELS = {  # file name -> metrics drawn together
     "reward": ["reward/mean", "val/pass@1"],
@@ -82,6 +82,7 @@ def summary(log_dir: Path) -> str:
                          f"(step {last['step']})  x{ratio:.2f}")
     resets = [r for r in records if r.get("event") == "reset"]
     lines.append(f"  resets: {len(resets)}" + (f" at steps {[r['step'] for r in resets]}" if resets else ""))
+    lines.append(f"  Slurm time-limit warning for these step times: #SBATCH --signal=USR1@{stop_signal_lead_s(records)}")
     return "\n".join(lines)
 
 

@@ -107,10 +107,13 @@ def load_model(model: torch.nn.Module, directory: str | Path) -> dict[str, Any]:
     from megatron.core import dist_checkpointing
 
     meta = read_meta(directory)
+    wanted = model.sharded_state_dict()
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+        state = dist_checkpointing.load(wanted, str(directory))
     except Exception as e:  # megatron raises assorted errors for missing or mismatched shards
         raise CheckpointError(f"{directory}: cannot load into this model: {type(e).__name__}: {e}") from e
+    # the checkpoint's common state comes too (a training checkpoint's optimizer param groups): not the model's
+    state = {k: v for k, v in state.items() if k in wanted}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     unexpected = [k for k in unexpected if not k.endswith("_extra_state")]

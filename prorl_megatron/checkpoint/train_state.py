@@ -38,7 +38,8 @@ def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
+    """This process's RNG states (Python, numpy, torch, megatron's tracker, CUDA)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -48,7 +49,7 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
-def _restore_rng(states: dict[str, Any]) -> None:
+def restore_rng(states: dict[str, Any]) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     random.setstate(states["python"])
@@ -71,7 +72,19 @@ def _sharded_state(policy: Any, reference: Any, optimizer: Any, moments: bool, i
     state = dict(policy.sharded_state_dict())
     policy_state = dict(state)
     state.update(reference.sharded_state_dict(prefix=REFERENCE_PREFIX))
-    state["optimizer"] = optimizer.sharded_state_dict(policy_state, is_loading=is_loading and moments)
+    state["optimizer"] = _scaler_on_cpu(optimizer.sharded_state_dict(policy_state, is_loading=is_loading and moments))
+    return state
+
+
+def _scaler_on_cpu(state: Any) -> Any:
+    """The fp16 loss scaler's tensors (CUDA on a GPU) moved to the CPU: they are common state,
+    which megatron broadcasts from rank 0 on save; unpickled elsewhere, a CUDA tensor would land
+    on rank 0's device (an extra CUDA context per rank on GPU 0). Loading moves them back."""
+    if isinstance(state, dict):
+        return {k: ({n: t.cpu() if torch.is_tensor(t) else t for n, t in v.items()} if k == "grad_scaler"
+                    and isinstance(v, dict) else _scaler_on_cpu(v)) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_scaler_on_cpu(v) for v in state]
     return state
 
 
@@ -91,7 +104,7 @@ def save_checkpoint(root: str | Path, step: int, policy: Any, reference: Any, op
     def write_rng(tmp: Path) -> None:
         path = _rng_file(tmp, dist.get_rank())
         path.parent.mkdir(exist_ok=True)
-        torch.save(_rng_states(), path)
+        torch.save(rng_states(), path)
 
     meta = {"step": step, "world_size": dist.get_world_size(), "optimizer_empty": optimizer_empty,
             "loop": loop_state}
@@ -154,7 +167,7 @@ def load_checkpoint(path: str | Path, policy: Any, reference: Any, optimizer: An
     optimizer.load_state_dict(opt_state)  # with the fp32 main weights: nothing reverts to the base model
     rng = _rng_file(path, dist.get_rank())
     if meta.get("world_size") == dist.get_world_size() and rng.is_file():
-        _restore_rng(torch.load(rng, weights_only=False))
+        restore_rng(torch.load(rng, weights_only=False))
     else:
         log.warning("%s: saved by a world of %s processes, this one has %d: RNG states not restored",
                     path, meta.get("world_size"), dist.get_world_size())

@@ -59,7 +59,7 @@ def build_optimizer(ddp: Any, train: TrainConfig, precision: PrecisionConfig) ->
         optimizer="adam", lr=train.lr, min_lr=train.lr, weight_decay=train.weight_decay,
         adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
         clip_grad=train.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        params_dtype=dtype, use_distributed_optimizer=False,
+        params_dtype=dtype, use_distributed_optimizer=False, initial_loss_scale=precision.initial_loss_scale,
     )
     optimizer = get_megatron_optimizer(config, [ddp])
     if config.fp16:
@@ -81,12 +81,13 @@ def optimizer_state_is_empty(optimizer: Any) -> bool:
 
 
 def reset_optimizer_state(optimizer: Any) -> None:
-    """ProRL's reset: the optimizer continues exactly as a freshly built one would.
+    """ProRL's reset: Adam continues exactly as a freshly built one would.
 
     Adam's moments and step count are forgotten wherever the class keeps them: torch's Adam(W)
     per parameter in ``state``; apex's and Transformer Engine's FusedAdam (what megatron picks
     on a GPU image) as ``step`` in each param group, which they create on their first step.
-    The fp32 main weights (bf16/fp16) are parameters of the inner optimizer, not state: kept.
+    Kept: the fp32 main weights (bf16/fp16; parameters of the inner optimizer, not state) and
+    the fp16 loss scale (already calibrated; a fresh one would skip updates to find it again).
     """
     for inner in _inner_optimizers(optimizer):
         inner.state.clear()

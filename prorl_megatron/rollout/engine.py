@@ -114,6 +114,8 @@ class RolloutEngine:
             load_format="auto" if load_weights else "dummy",
         )
         self.dp_rank = self.llm.llm_engine.vllm_config.parallel_config.data_parallel_rank
+        self.asleep: set[str] = set()  # what sleep released and no wake_up brought back yet
+        self.weights_lost = False  # level-2 sleep discarded the weights; load_weights restores them
 
     def generate(self, prompts: Sequence[Sequence[int]], n: Optional[int] = None,
                  temperature: Optional[float] = None, max_tokens: Optional[int] = None,
@@ -140,6 +142,7 @@ class RolloutEngine:
                 seed=None if seed is None else request_seed(seed, first_index + i, samples_per_prompt),
             )
 
+        self._check_ready()
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         outputs = self.llm.generate(requests, [params(i) for i in range(len(requests))], use_tqdm=False)
         result = []
@@ -170,6 +173,7 @@ class RolloutEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_ready()
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params,
                                     use_tqdm=False)
@@ -193,6 +197,8 @@ class RolloutEngine:
                     # tied lm_head and leaves it with the old weights unless it is loaded as well
                     yield "lm_head.weight", tensor
 
+        if "weights" in self.asleep:
+            raise RuntimeError("wake_up(['weights']) the vLLM engine before loading weights into it")
         runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
         runner.reload_weights(weights_iterator=recorded(), is_checkpoint_format=True)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
@@ -203,11 +209,26 @@ class RolloutEngine:
             twice = sorted({n for n in seen if seen.count(n) > 1})
             raise WeightLoadError(f"weight update does not match the engine's model: missing {missing}, "
                                   f"unexpected {unexpected}, sent twice {twice}")
+        self.weights_lost = False
 
     def sleep(self) -> None:
-        if self.sleep_mode:
-            self.llm.sleep(level=1)
+        """Release the KV cache and discard the weights (level 2) for the training passes: only
+        before an update, since generating again needs a weight sync first (:meth:`load_weights`)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep, self.weights_lost = {"weights", "kv_cache"}, True
+        log.debug("engine sleep (level 2)%s", "" if self.sleep_mode else ": no sleep mode, stays resident")
 
-    def wake_up(self) -> None:
-        if self.sleep_mode:
-            self.llm.wake_up()
+    def wake_up(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Map back what :meth:`sleep` released (``tags``: the weights first for a sync, then the
+        KV cache, keeps the peak lower); a no-op for what is awake."""
+        wanted = [t for t in tags if t in self.asleep]
+        if wanted:
+            self.llm.wake_up(tags=wanted)
+            self.asleep -= set(wanted)
+        log.debug("engine wake up %s%s", "+".join(tags), "" if self.sleep_mode else ": no sleep mode, resident")
+
+    def _check_ready(self) -> None:
+        if self.asleep or self.weights_lost:
+            raise RuntimeError("the vLLM engine is asleep or its weights were discarded by a level-2 sleep: "
+                               "wake it and sync the policy's weights before generating")

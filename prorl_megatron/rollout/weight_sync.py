@@ -47,8 +47,9 @@ def sync_weights(model: Any, dims: ModelDims, engine: Any, dtype: str, bucket_by
             counted["bytes"] += tensor.numel() * tensor.element_size()
             yield name, tensor
 
-    engine.wake_up()
+    engine.wake_up(["weights"])  # the KV cache only after the load: their peaks do not add up
     engine.load_weights(stream())
+    engine.wake_up(["kv_cache"])
     return SyncStats(counted["tensors"], counted["bytes"], time.perf_counter() - start)
 
 

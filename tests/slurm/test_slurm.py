@@ -67,7 +67,7 @@ def test_checkpoint_signal_requeues_and_resumes(cluster, tiny_base, tmp_path):
         assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
             job_output(run_dir) + cluster.logs()
         time.sleep(0.5)
-    signalled = cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@300 sends before the limit
+    signalled = cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@1200 sends before the limit
     assert signalled.returncode == 0, signalled.stderr
     deadline = time.monotonic() + 900
     while not (run_dir / "jobs" / f"{job}-restart1.log").is_file() or cluster.job_state(job) != "COMPLETED":

@@ -37,20 +37,45 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def kill_when(command: list[str], condition, timeout: float = 600) -> str:
-    """Start ``command``; SIGKILL it and all its descendants as soon as ``condition()`` holds."""
+def start_until(command: list[str], condition, timeout: float = 600) -> subprocess.Popen:
+    """Start ``command`` in a session of its own; return it once ``condition()`` holds."""
     proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while not condition():
             if proc.poll() is not None:
-                raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill point:\n"
+                raise AssertionError(f"the run ended (rc {proc.returncode}) before the point waited for:\n"
                                      + proc.stdout.read()[-4000:])
             if time.monotonic() > deadline:
-                raise AssertionError("kill point not reached in time")
+                raise AssertionError("the point waited for was not reached in time")
             time.sleep(0.005)
+    except BaseException:
+        kill_tree(proc.pid)
+        proc.wait()
+        raise
+    return proc
+
+
+def kill_when(command: list[str], condition, timeout: float = 600) -> str:
+    """Start ``command``; SIGKILL it and all its descendants as soon as ``condition()`` holds."""
+    proc = start_until(command, condition, timeout)
+    kill_tree(proc.pid)
+    proc.wait()
+    return proc.stdout.read()
+
+
+def signal_when(command: list[str], condition, sig: int = signal.SIGUSR1, timeout: float = 600) -> tuple[int, str]:
+    """Start ``command`` (torchrun); once ``condition()`` holds, send ``sig`` to every worker
+    (torchrun's children, as srun signals every task); return its exit status and output."""
+    import psutil
+
+    proc = start_until(command, condition, timeout)
+    try:
+        for worker in psutil.Process(proc.pid).children():
+            worker.send_signal(sig)
+        out, _ = proc.communicate(timeout=timeout)
     finally:
         kill_tree(proc.pid)
         proc.wait()
-    return proc.stdout.read()
+    return proc.returncode, out

@@ -28,3 +28,11 @@ def test_console_shows_our_lines_and_train_log_the_rest(tiny_base, tmp_path):
     assert "rank0 INFO" in log and "rank1 INFO" in log
     assert log.count("Apex is not installed") >= 2, log[:3000]  # megatron's notice, from every rank
     assert re.search(r"rank1 (INFO|WARNING) vllm\.", log)  # vLLM's records, with the rank
+
+    # before the engine takes its memory back, the training passes give theirs up (issue 12, item 11):
+    # per step, on every rank: sleep after the rollout, free, wake the weights, sync, wake the KV cache
+    for rank in (0, 1):
+        events = re.findall(rf"rank{rank} DEBUG prorl_megatron\.\S+: (engine sleep|training memory freed|"
+                            r"engine wake up weights|engine wake up kv_cache)", log)
+        first_sync = ["engine wake up weights", "engine wake up kv_cache"]  # the fresh engine gets the policy
+        assert events == first_sync + ["engine sleep", "training memory freed", *first_sync] * 2, (rank, events)

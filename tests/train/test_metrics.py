@@ -43,3 +43,16 @@ def test_plot_marks_resets_and_summarises(tmp_path):
     assert "pass@1: 0.100 (step 0) -> 0.250 (step 10)  x2.50" in out.stdout
     assert "resets: 1 at steps [5]" in out.stdout
     assert (tmp_path / "plots" / "kl.png").stat().st_size > 1000
+
+
+def test_stop_signal_lead_covers_the_longest_uninterruptible_span():
+    from prorl_megatron.metrics import stop_signal_lead_s
+
+    step = {"time/step": 1, "time/rollout": 500.0, "time/reward": 40.0, "time/logprob": 90.0, "time/update": 300.0,
+            "time/sync": 10.0, "time/eval": 0.0, "time/checkpoint": 30.0}
+    # 16k-token steps: rollout + reward 540 s > the rest 400 s; + 30 s checkpoint; x1.5 = 855 s -> 900
+    assert stop_signal_lead_s([{"step": 1, **step}, {"step": 1, "event": "reset"}]) == 900
+    eval_step = {**step, "time/eval": 600.0}  # an eval step: the rest (1000 s) is the longer span
+    assert stop_signal_lead_s([{"step": 2, **step}, {"step": 3, **eval_step}]) == 60 * 26  # 1.5 x 1030 = 1545
+    assert stop_signal_lead_s([{"step": 1, "time/step": 2.0, "time/rollout": 1.0}]) == 300  # the floor
+    assert stop_signal_lead_s([]) == 300

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from prorl_megatron.metrics import read_jsonl
-from tests.train.conftest import ROOT, kill_when, run, train_command
+from tests.train.conftest import ROOT, kill_when, run, signal_when, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -75,9 +75,11 @@ def test_pp2_run_trains(tiny_base, tmp_path):
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000002"  # the final step is saved
 
 
-def test_resume_after_kill_matches_an_uninterrupted_run(tiny_base, tmp_path):
-    """6 steps straight == 3 steps, kill -9 in step 4, resume, kill -9 mid-checkpoint in step 5, resume."""
-    overrides = ["train.steps=6", "reset.every_n_steps=2"]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_resume_after_kill_matches_an_uninterrupted_run(tiny_base, tmp_path, dtype):
+    """6 steps straight == a stop signal during step 2's rollout (step 1 checkpointed then), resume,
+    kill -9 in step 4, resume, kill -9 mid-checkpoint in step 5 (right after step 4's reset), resume."""
+    overrides = ["train.steps=6", "reset.every_n_steps=2", f"precision.params_dtype={dtype}"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     ok(run(train_command(straight, tiny_base, *overrides, "checkpoint.every_n_steps=3")))
 
@@ -87,6 +89,14 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_base, tmp_path):
 
     def reached(step):
         return lambda: jsonl.is_file() and any(r["step"] >= step for r in read_jsonl(jsonl))
+
+    # Slurm's time-limit warning arrives as step 2 starts: the rollout is abandoned, step 1 (not
+    # checkpointed with every_n_steps=5) is written, and the job script is told to requeue
+    status, text = signal_when(train_command(killed, tiny_base, *overrides, "checkpoint.every_n_steps=5"),
+                               reached(1))
+    assert status != 0 and "the step is redone after the resume" in text, text[-4000:]
+    assert (ckpt / "stopped").read_text().strip() == "1" and (ckpt / "latest").read_text().strip() == "step_00000001"
+    assert [s for s, e in metrics(killed) if e is None] == [1]
 
     kill_when(command, reached(3))  # step 3 is logged (after its checkpoint): the kill lands in step 4
     assert (ckpt / "latest").read_text().strip() == "step_00000003"
@@ -99,7 +109,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_base, tmp_path):
     assert "resumed from" in text and "step_00000004" in text
     assert not any(ckpt.glob(".*incomplete*"))  # the torn write was cleaned up, never loaded
     a, b = metrics(straight), metrics(killed)
-    for key in [(4, None), (5, None), (6, None), (4, "reset"), (6, "reset")]:
+    for key in [(2, None), (3, None), (4, None), (5, None), (6, None), (2, "reset"), (4, "reset"), (6, "reset")]:
         same = {k: v for k, v in a[key].items() if not k.startswith("time/") and k != "tokens_per_s"}
         got = {k: v for k, v in b[key].items() if not k.startswith("time/") and k != "tokens_per_s"}
         assert got == same, key
