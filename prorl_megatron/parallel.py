@@ -133,13 +133,17 @@ def init_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
     """
     launch = read_launch_env(env)
     data = check_layout(launch.world_size, tensor, pipeline)
-    if env is None:  # libraries that expect torchrun's variables (vLLM's external launcher) get them under srun too
-        for name, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", launch.local_rank),
+    use_cuda = torch.cuda.is_available()
+    # the device this process uses: its local rank among the GPUs it sees (one, where the
+    # scheduler binds a GPU per task)
+    device_index = launch.local_rank % torch.cuda.device_count() if use_cuda else launch.local_rank
+    if env is None:  # libraries that expect torchrun's variables (vLLM's external launcher) get them under srun too;
+        # vLLM takes LOCAL_RANK as its CUDA device index, so it names the device chosen here
+        for name, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", device_index),
                             ("MASTER_ADDR", launch.master_addr), ("MASTER_PORT", launch.master_port)):
             os.environ.setdefault(name, str(value))
-    use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device_index)
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         from prorl_megatron import cpu_patches
