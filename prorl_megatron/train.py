@@ -7,7 +7,9 @@ sampling -> advantages -> old/reference logprobs -> mini-batch updates -> weight
 evaluation -> reference reset -> metrics -> checkpoint. Every rank runs the same control flow
 on the same batch (rollouts and rewards are gathered everywhere); the Megatron passes split
 the rows over data-parallel ranks, and only the last pipeline stage sees logprobs.
-SIGUSR1/SIGTERM (Slurm's warning signal) finish the current step, write a checkpoint and exit.
+SIGUSR1/SIGTERM (Slurm's warning signal) are read after each rollout round (the step is then
+abandoned, the previous one checkpointed, and the step redone after the resume) and at the end
+of the step (checkpointed); the process then exits with status 3.
 """
 
 from __future__ import annotations
@@ -177,8 +179,9 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
 
     # 10. checkpoint, then 11. the step's metrics record (a logged checkpoint step is on disk)
     metrics["lr"] = cfg.train.lr
-    if loss_scale(run.optimizer) is not None:
-        metrics["loss_scale"] = loss_scale(run.optimizer)
+    scale = loss_scale(run.optimizer)
+    if scale is not None:
+        metrics["loss_scale"] = scale
     metrics.update(run.counters)
     stopping = signal_received(run)
     if should_checkpoint(cfg, step) or stopping:
