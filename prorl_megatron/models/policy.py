@@ -95,16 +95,21 @@ def reset_optimizer_state(optimizer: Any) -> None:
             group.pop("step", None)
 
 
+def _grad_scaler(optimizer: Any) -> Any:
+    """megatron's loss scaler (fp16; None in bf16 and fp32, where the FP32 optimizer has none)."""
+    return getattr(_chained(optimizer)[0], "grad_scaler", None)
+
+
 def loss_scale(optimizer: Any) -> Optional[float]:
     """The current fp16 loss scale (None without a scaler, as in bf16 and fp32)."""
-    scaler = getattr(_chained(optimizer)[0], "grad_scaler", None)
+    scaler = _grad_scaler(optimizer)
     return None if scaler is None else float(scaler.scale)
 
 
 def still_calibrating(optimizer: Any) -> bool:
     """fp16's dynamic loss scaler starts high and halves on each overflow, skipping that update:
     such a skip is calibration, not divergence, while the scale is above its minimum."""
-    scaler = getattr(_chained(optimizer)[0], "grad_scaler", None)
+    scaler = _grad_scaler(optimizer)
     return scaler is not None and hasattr(scaler, "min_scale") and float(scaler.scale) > float(scaler.min_scale)
 
 
