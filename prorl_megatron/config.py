@@ -118,7 +118,15 @@ class TrainConfig:
     steps: int = 2000
     prompts_per_step: int = 256
     mini_batch_prompts: int = 64  # prompts per optimizer update (256/64 = 4 updates per step)
-    micro_batch_size: int = 4  # sequences per forward/backward
+    micro_batch_size: int = 4  # sequences per forward/backward when max_tokens_per_micro_batch is null
+    # token budget of one micro-batch (rows x padded length, or packed tokens): rows are spread
+    # over DP ranks by tokens and grouped by length under it; null: micro_batch_size rows
+    max_tokens_per_micro_batch: Optional[int] = None
+    # several sequences per micro-batch row (THD layout, cu_seqlens) where Transformer Engine's
+    # attention takes them; without TE a start-up message says so and the token budget is used
+    sequence_packing: bool = False
+    recompute: Literal["none", "selective", "full"] = "none"  # megatron's activation recompute
+    distributed_optimizer: bool = False  # megatron's DistributedOptimizer: Adam state sharded over DP
     logprob_chunk_tokens: int = 4096  # tokens per chunk of the vocab-parallel logprob pass
     lr: float = 2e-6  # constant, AdamW
     weight_decay: float = 0.01
@@ -289,8 +297,16 @@ class Recipe:
             f"train.prompts_per_step ({self.train.prompts_per_step}) must be a multiple of "
             f"train.mini_batch_prompts ({self.train.mini_batch_prompts})",
         )
+        if self.train.max_tokens_per_micro_batch is not None:
+            longest = self.rollout.max_prompt_tokens + self.rollout.max_response_tokens
+            need(
+                self.train.max_tokens_per_micro_batch >= longest,
+                f"train.max_tokens_per_micro_batch ({self.train.max_tokens_per_micro_batch}) must hold the longest "
+                f"sequence, rollout.max_prompt_tokens + rollout.max_response_tokens = {longest}",
+            )
         need(
-            (self.train.mini_batch_prompts * self.rollout.n) % max(self.train.micro_batch_size, 1) == 0,
+            self.train.max_tokens_per_micro_batch is not None
+            or (self.train.mini_batch_prompts * self.rollout.n) % max(self.train.micro_batch_size, 1) == 0,
             f"a mini-batch of train.mini_batch_prompts x rollout.n = "
             f"{self.train.mini_batch_prompts * self.rollout.n} sequences must be a multiple of "
             f"train.micro_batch_size ({self.train.micro_batch_size})",
