@@ -32,10 +32,23 @@ def transformer_engine_available() -> bool:
     return True
 
 
+RECOMPUTE = {  # train.recompute -> megatron's own activation-recompute options
+    "none": {},
+    # the attention core (softmax(QK^T)V, quadratic in the sequence without a fused kernel) is
+    # recomputed in the backward pass; everything else is kept
+    "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+    # only each layer's input is kept; the whole layer runs again in the backward pass
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
+
+
 def transformer_config(dims: ModelDims, precision: PrecisionConfig, tensor: int = 1, pipeline: int = 1,
                        sequence_parallel: bool = False, perform_initialization: bool = True,
-                       use_te: bool | None = None) -> Any:
-    """The ``TransformerConfig`` for ``dims`` at the given parallel sizes and precision."""
+                       use_te: bool | None = None, recompute: str = "none") -> Any:
+    """The ``TransformerConfig`` for ``dims`` at the given parallel sizes and precision.
+
+    ``recompute``: ``train.recompute`` (none | selective | full), see :data:`RECOMPUTE`.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     use_te = transformer_engine_available() if use_te is None else use_te
@@ -89,6 +102,9 @@ def transformer_config(dims: ModelDims, precision: PrecisionConfig, tensor: int 
         apply_rope_fusion=fused,
         persist_layer_norm=fused,
     )
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"train.recompute must be one of {sorted(RECOMPUTE)}, got {recompute!r}")
+    kwargs.update(RECOMPUTE[recompute])
     if precision.fp8 is not None:
         kwargs.update(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe)
     return TransformerConfig(**kwargs)
@@ -105,8 +121,10 @@ def layer_spec(dims: ModelDims, use_te: bool | None = None) -> Any:
 
 
 def build_gpt_model(dims: ModelDims, precision: PrecisionConfig, *, perform_initialization: bool = True,
-                    sequence_parallel: bool = False) -> Any:
+                    sequence_parallel: bool = False, recompute: str = "none") -> Any:
     """This process's shard of the model, at the TP/PP sizes of megatron's ``parallel_state``.
+
+    ``recompute``: activation recompute in the backward pass (``train.recompute``).
 
     Parameters live on the current CUDA device, or on the CPU without one.
     """
@@ -119,6 +137,7 @@ def build_gpt_model(dims: ModelDims, precision: PrecisionConfig, *, perform_init
         tensor=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline=parallel_state.get_pipeline_model_parallel_world_size(),
         sequence_parallel=sequence_parallel, perform_initialization=perform_initialization, use_te=use_te,
+        recompute=recompute,
     )
     model = GPTModel(
         config=config,
