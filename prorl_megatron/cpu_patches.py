@@ -290,6 +290,13 @@ PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.optimizer.grad_scaler",
           "resuming fp16, DynamicGradScaler.load_state_dict moves the saved scale to the GPU with Tensor.cuda()",
           "DynamicGradScaler.load_state_dict", _tensor_cuda_is_identity),
+    Patch("megatron.core.optimizer.distrib_optimizer",
+          "DistributedOptimizer.load_state_dict allocates the Adam state it is about to load on "
+          "torch.cuda.current_device() (train.distributed_optimizer)"),
+    Patch("megatron.core.optimizer.distrib_optimizer",
+          "DistributedOptimizer sorts parameters by CUDA type strings ('torch.cuda.BFloat16Tensor') to decide "
+          "which get an fp32 main shard, and rejects any other type (train.distributed_optimizer)",
+          "DistributedOptimizer.__init__", _tensor_type_reports_cuda),
 )
 
 

@@ -8,6 +8,10 @@ reset-scheduler state, data position, counters), written last. The directory app
 atomic rename, and ``<checkpoint.dir>/latest`` (the name of the newest complete checkpoint)
 is replaced after it, so a run killed at any moment resumes from a complete checkpoint.
 Only the newest ``keep_last`` are kept.
+
+With ``train.distributed_optimizer`` the optimizer state is saved in megatron's
+``fully_reshardable`` layout (:data:`DIST_OPT_LAYOUT`): tensors shaped like the parameters, so
+the checkpoint loads at any DP (and TP/PP) size.
 """
 
 from __future__ import annotations
@@ -26,12 +30,23 @@ import torch.distributed as dist
 
 from prorl_megatron.checkpoint.dist_ckpt import read_meta, save_state
 from prorl_megatron.checkpoint.hf_io import CheckpointError
+from prorl_megatron.models.policy import reset_optimizer_state
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 REFERENCE_PREFIX = "reference."
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# megatron's DistributedOptimizer checkpoint format (megatron-core 0.16.1). 'fully_reshardable'
+# gathers each data-parallel group's fp32 main weights and moments onto its DP rank 0 (over the
+# gloo DP group, into host memory: the memory-efficient variant; megatron's other one all-gathers
+# the whole state onto every rank) and saves them in model space, like the plain optimizer's
+# state; loading, each rank reads the whole of it (host memory) and keeps its own slices. The
+# alternatives: 'dp_reshardable' (no gather: the buckets as they are, so it loads only where the
+# model, TP/PP and bucket layout are the same) and 'fully_sharded_model_space', which 0.16.1
+# can no longer save ("ShardedTensor.flattened_range is not supported").
+DIST_OPT_LAYOUT = {"distrib_optim_sharding_type": "fully_reshardable",
+                   "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -68,12 +83,64 @@ def _sharded_state(policy: Any, reference: Any, optimizer: Any, moments: bool, i
     """The policy, the reference and the optimizer: its fp32 main weights (bf16/fp16), loss
     scaler and param groups always, and Adam's moments when it has them (``moments``: not
     right after a reset, when a fresh optimizer has none; megatron then saves none and must
-    not be asked to allocate them for loading)."""
+    not be asked to allocate them for loading; the distributed optimizer saves zeros, see
+    :func:`_allocate_moments`)."""
     state = dict(policy.sharded_state_dict())
     policy_state = dict(state)
     state.update(reference.sharded_state_dict(prefix=REFERENCE_PREFIX))
-    state["optimizer"] = _scaler_on_cpu(optimizer.sharded_state_dict(policy_state, is_loading=is_loading and moments))
+    distributed = _distributed_optimizer(optimizer)
+    if distributed is None:
+        opt_state = optimizer.sharded_state_dict(policy_state, is_loading=is_loading and moments)
+    else:  # megatron's saves and loads moments always: an empty one gets zeros for the time being
+        _allocate_moments(distributed)
+        opt_state = optimizer.sharded_state_dict(policy_state, is_loading=is_loading, metadata=DIST_OPT_LAYOUT)
+    state["optimizer"] = _scaler_on_cpu(opt_state)
     return state
+
+
+def _distributed_optimizer(optimizer: Any) -> Any:
+    """The policy's megatron ``DistributedOptimizer`` (None: the plain optimizer)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    distributed = [o for o in chained if isinstance(o, DistributedOptimizer)]
+    if not distributed:
+        return None
+    if len(chained) != 1:  # megatron chains a second optimizer for MoE expert parameters only
+        raise NotImplementedError(f"checkpoints of {len(chained)} chained distributed optimizers")
+    return distributed[0]
+
+
+def _allocate_moments(opt: Any) -> None:
+    """Give every parameter of a distributed optimizer that has no Adam state (fresh, or just
+    reset) zero moments: megatron's ``DistributedOptimizer`` saves and loads the moments of every
+    parameter (a fresh one has none to load into), and with torch's Adam (no apex/TE, as on CPU)
+    its ``state_dict`` asserts one step count across the per-parameter states, so they also get
+    torch's initial step, 0. A checkpoint of an empty optimizer thus holds zero moments, and
+    the optimizer is emptied again after saving and loading it (``optimizer_empty``)."""
+    opt.init_state_fn(opt.optimizer, opt.config)
+    if isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        for state in opt.optimizer.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
+def _load_distributed(opt: Any, state: dict[str, Any]) -> None:
+    """megatron's ``DistributedOptimizer.load_state_dict``, with its parameter state loaded apart.
+
+    Its ``fully_reshardable`` loader copies every tensor of each parameter's state from the
+    checkpoint, but saved only the main weights and moments: torch's Adam (no apex/TE, as on
+    CPU) also keeps a per-parameter ``step`` (restored from the param groups instead), on which
+    it fails. And ``load_state_dict`` gives all parameters one and the same ``step`` tensor,
+    which torch's Adam increments in place, once per parameter: each gets its own copy back.
+    """
+    param_state = state.pop("param_state")
+    if state.pop("param_state_sharding_type") != DIST_OPT_LAYOUT["distrib_optim_sharding_type"]:
+        raise CheckpointError("the distributed optimizer's state is not in the fully_reshardable layout")
+    opt.load_state_dict(state)  # param groups (step counts), loss scaler
+    steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+    opt.load_parameter_state_from_fully_reshardable(param_state)
+    for p, step in steps.items():
+        opt.optimizer.state[p]["step"] = step.clone()
 
 
 def _scaler_on_cpu(state: Any) -> Any:
@@ -107,9 +174,11 @@ def save_checkpoint(root: str | Path, step: int, policy: Any, reference: Any, op
         torch.save(rng_states(), path)
 
     meta = {"step": step, "world_size": dist.get_world_size(), "optimizer_empty": optimizer_empty,
-            "loop": loop_state}
+            "distributed_optimizer": _distributed_optimizer(optimizer) is not None, "loop": loop_state}
     target = save_state(_sharded_state(policy, reference, optimizer, not optimizer_empty), step_dir(root, step),
                         hf_metadata_dir, meta, rank_files=write_rng, replace=True)
+    if optimizer_empty and meta["distributed_optimizer"]:
+        reset_optimizer_state(optimizer)  # drop the zero moments it was saved with
     if dist.get_rank() == 0:
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(target.name + "\n")
@@ -151,6 +220,10 @@ def load_checkpoint(path: str | Path, policy: Any, reference: Any, optimizer: An
     path = Path(path)
     meta = read_meta(path)
     moments = not meta.get("optimizer_empty", False)
+    distributed = _distributed_optimizer(optimizer)
+    if meta.get("distributed_optimizer", False) != (distributed is not None):
+        raise CheckpointError(f"{path}: saved with train.distributed_optimizer={meta.get('distributed_optimizer', False)}"
+                              f", this run has {distributed is not None}: their optimizer states differ in layout")
     try:
         state = dist_checkpointing.load(_sharded_state(policy, reference, optimizer, moments, True), str(path))
     except Exception as e:  # megatron raises assorted errors for missing or mismatched shards
@@ -164,7 +237,12 @@ def load_checkpoint(path: str | Path, policy: Any, reference: Any, optimizer: An
         unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise CheckpointError(f"{path}: {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    optimizer.load_state_dict(opt_state)  # with the fp32 main weights: nothing reverts to the base model
+    if distributed is None:
+        optimizer.load_state_dict(opt_state)  # with the fp32 main weights: nothing reverts to the base model
+    else:
+        _load_distributed(distributed, opt_state)
+        if not moments:
+            reset_optimizer_state(optimizer)  # the zero moments it was saved with
     rng = _rng_file(path, dist.get_rank())
     if meta.get("world_size") == dist.get_world_size() and rng.is_file():
         restore_rng(torch.load(rng, weights_only=False))

@@ -5,6 +5,11 @@ casts the whole model, norms included, to the training dtype) -> ``DistributedDa
 (contiguous grad buffers, DP all-reduce in ``finalize_model_grads``). The reference is the
 same ``GPTModel`` (+ ``Float16Module``) without DDP and without gradients; a reset copies the
 policy's local shards into it, parameter by parameter, so nothing is gathered or moved.
+
+With ``train.distributed_optimizer`` the optimizer is megatron's ``DistributedOptimizer``
+(ZeRO-1): DDP reduce-scatters the gradients instead of all-reducing them, each data-parallel
+rank keeps the fp32 main weights and Adam's moments of its contiguous 1/DP slice of the grad
+buffer only, updates that slice, and all-gathers the updated weights into every rank's model.
 """
 
 from __future__ import annotations
@@ -27,13 +32,20 @@ def _with_precision(model: Any, precision: PrecisionConfig) -> Any:
     return Float16Module(model.config, model)
 
 
-def build_policy(dims: ModelDims, precision: PrecisionConfig) -> tuple[Any, Any]:
-    """``(gpt, ddp)``: this rank's policy shard and its DDP wrapper (what is trained)."""
+def build_policy(dims: ModelDims, precision: PrecisionConfig,
+                 train: Optional[TrainConfig] = None) -> tuple[Any, Any]:
+    """``(gpt, ddp)``: this rank's policy shard and its DDP wrapper (what is trained).
+
+    ``train`` (None: its defaults) chooses the activation recompute and whether DDP prepares
+    its buffers for the distributed optimizer (reduce-scatter; :func:`build_optimizer` must agree).
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    gpt = build_gpt_model(dims, precision, perform_initialization=False)
+    train = train if train is not None else TrainConfig()
+    gpt = build_gpt_model(dims, precision, perform_initialization=False, recompute=train.recompute)
     wrapped = _with_precision(gpt, precision)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=precision.grad_reduce_in_fp32)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=precision.grad_reduce_in_fp32,
+                                               use_distributed_optimizer=train.distributed_optimizer)
     return gpt, DistributedDataParallel(gpt.config, ddp_config, wrapped)
 
 
@@ -51,15 +63,22 @@ def build_optimizer(ddp: Any, train: TrainConfig, precision: PrecisionConfig) ->
     bf16/fp16 parameters get fp32 main copies; gradients are clipped to ``train.clip_grad``
     (0: off) by their global norm. fp16: megatron's schedules scale each loss by the
     optimizer's dynamic loss scale (which :func:`optimizer_step` unscales).
+    ``train.distributed_optimizer``: main weights and moments sharded over data parallel; ``ddp``
+    must have been built for it (:func:`build_policy` with the same ``train``).
     """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    if ddp.ddp_config.use_distributed_optimizer != train.distributed_optimizer:
+        raise ValueError(f"train.distributed_optimizer={train.distributed_optimizer}, but the policy's DDP was built "
+                         f"with use_distributed_optimizer={ddp.ddp_config.use_distributed_optimizer}: pass the same "
+                         "TrainConfig to build_policy")
     dtype = torch_dtype(precision.params_dtype)
     config = OptimizerConfig(
         optimizer="adam", lr=train.lr, min_lr=train.lr, weight_decay=train.weight_decay,
         adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
         clip_grad=train.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        params_dtype=dtype, use_distributed_optimizer=False, initial_loss_scale=precision.initial_loss_scale,
+        params_dtype=dtype, use_distributed_optimizer=train.distributed_optimizer,
+        initial_loss_scale=precision.initial_loss_scale,
     )
     optimizer = get_megatron_optimizer(config, [ddp])
     if config.fp16:
@@ -76,8 +95,12 @@ def _inner_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
 
 
 def optimizer_state_is_empty(optimizer: Any) -> bool:
-    """True before the first step and right after :func:`reset_optimizer_state`."""
-    return all(len(o.state) == 0 for o in _inner_optimizers(optimizer))
+    """True before the first step and right after :func:`reset_optimizer_state`.
+
+    A parameter with an empty entry counts as without state: torch's ``state`` is a defaultdict,
+    and megatron's distributed optimizer makes such entries by looking a parameter's state up.
+    """
+    return all(not state for o in _inner_optimizers(optimizer) for state in o.state.values())
 
 
 def reset_optimizer_state(optimizer: Any) -> None:
