@@ -45,7 +45,7 @@ from prorl_megatron.data.dataset import DataError, PromptMixture, load_rows
 from prorl_megatron.eval import evaluate, score_rollouts
 from prorl_megatron.metrics import MetricsWriter, PhaseTimer, Progress, TokenSums, check_trackers
 from prorl_megatron.models.architectures import ModelDims, model_dims, read_hf_config
-from prorl_megatron.models.forward import MicroBatch, run_microbatches
+from prorl_megatron.models.forward import MicroBatch, packing_unavailable_reason, run_microbatches
 from prorl_megatron.models.gpt import transformer_config
 from prorl_megatron.models.policy import (
     build_optimizer, build_policy, build_reference, copy_weights, finalize_grads, optimizer_state_is_empty,
@@ -104,6 +104,7 @@ class Run:
     counters: dict[str, int] = field(default_factory=lambda: {"skipped_updates": 0, "nonfinite_in_row": 0,
                                                                "too_long_prompts": 0, "resets": 0})
     last_val_reward: Optional[float] = None
+    packed: bool = False  # train.sequence_packing, where the attention kernels take packed sequences
     stop_signal: list[int] = field(default_factory=list)
     saved_step: Optional[int] = None  # the newest checkpoint this run wrote or resumed from
 
@@ -134,7 +135,8 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
             **({"scale_by_std": cfg.algo.scale_by_std} if cfg.algo.advantage == "grpo" else {}))
         groups = [[i for i, s in enumerate(samples) if s.group == g] for g in range(samples[-1].group + 1)]
         plan = training_plan(groups, cfg.train.mini_batch_prompts, run.layout.data, run.layout.dp_rank,
-                             cfg.train.micro_batch_size)
+                             cfg.train.micro_batch_size, (batch["prompt_len"] + batch["response_len"]).tolist(),
+                             cfg.train.max_tokens_per_micro_batch, run.packed)
         sums = TokenSums()
 
         # 5. old-policy and reference logprobs (no grad), entropy, KL to the reference
@@ -293,10 +295,10 @@ def old_and_reference_logprobs(run: Run, batch: TrainBatch, plan: list[MiniBatch
         with torch.no_grad():
             policy = run_microbatches(run.policy_ddp, mbs, vocab_size=run.dims.vocab_size, with_entropy=True,
                                       temperature=cfg.rollout.temperature,
-                                      chunk_tokens=cfg.train.logprob_chunk_tokens)
+                                      chunk_tokens=cfg.train.logprob_chunk_tokens, pack=run.packed)
             reference = run_microbatches(run.reference_module, mbs, vocab_size=run.dims.vocab_size,
                                          temperature=cfg.rollout.temperature,
-                                         chunk_tokens=cfg.train.logprob_chunk_tokens)
+                                         chunk_tokens=cfg.train.logprob_chunk_tokens, pack=run.packed)
         for rows, mb, both, ref in zip(mini_batch.micro, mbs, policy, reference):
             index, mask = mb.extras["response_index"], mb.extras["mask"]
             old = response_values(both[0], index)
@@ -335,39 +337,9 @@ def aggregation_share(cfg: Recipe, mask: torch.Tensor, mini_mask: torch.Tensor) 
 
 def update_policy(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: TokenSums) -> None:
     """Forward/backward of this rank's micro-batches, DP grad reduction, one optimizer step."""
-    cfg, algo = run.recipe, run.recipe.algo
-    mini_mask = batch["mask"][mini_batch.rows]  # every DP rank's rows: the loss's normaliser
-    fields = ["response_index", "mask", "old_logprobs", "ref_logprobs", "advantages", "rollout_logprobs"]
-    mbs = micro_batches(batch, mini_batch.micro, run.layout.device, fields)
-    scale = len(mbs) * run.layout.data  # megatron divides by the micro-batch count, DDP averages over DP
-
-    def loss_fn(logprobs: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, Any]]:
-        x = mb.extras
-        lp = response_values(logprobs, x["response_index"])
-        weights = None  # TIS: multiplies the policy-gradient loss only; the mask stays 0/1
-        if cfg.rollout.tis_cap is not None:
-            weights = tis_weights(x["old_logprobs"], x["rollout_logprobs"], x["mask"], cfg.rollout.tis_cap)
-        loss, pg, kl, stats = policy_kl_loss(
-            lp, x["old_logprobs"], x["ref_logprobs"], x["advantages"], x["mask"], kl_coef=algo.kl_coef,
-            kl_estimator=algo.kl_estimator, is_weights=weights, eps_low=algo.eps_low, eps_high=algo.eps_high,
-            dual_clip_c=algo.dual_clip_c, agg=algo.loss_agg)
-        share = aggregation_share(cfg, x["mask"], mini_mask.to(x["mask"].device))
-        tokens = float(x["mask"].sum())
-        return loss * (share * scale), {"tokens": tokens, "loss": float(loss.detach()), "pg_loss": float(pg.detach()),
-                                        "kl_loss": float(kl.detach()), **stats}
-
-    zero_grads(run.policy_ddp, run.optimizer)
-    reports = run_microbatches(run.policy_ddp, mbs, vocab_size=run.dims.vocab_size, loss_fn=loss_fn,
-                               temperature=cfg.rollout.temperature, chunk_tokens=cfg.train.logprob_chunk_tokens)
-    finalize_grads(run.policy_ddp)
+    cfg = run.recipe
+    policy_gradients(run, batch, mini_batch, sums)
     stepped, grad_norm = optimizer_step(run.optimizer)
-    if counts_for_stats(run):
-        for report in reports:
-            t = report["tokens"]
-            for name in ("loss", "pg_loss", "kl_loss", "clip_frac", "clip_frac_high", "clip_frac_low",
-                         "dual_clip_frac", "approx_kl", "ratio_mean"):
-                sums.add(name, report[name] * t, t)
-            sums.add_max("ratio_max", report["ratio_max"])
     if dist.get_rank() == 0:
         sums.add("grad_norm", grad_norm if math.isfinite(grad_norm) else 0.0, 1.0)
     if stepped:
@@ -386,6 +358,50 @@ def update_policy(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: Toke
             f"{run.counters['nonfinite_in_row']} updates in a row had non-finite gradients "
             f"(train.max_nonfinite_in_row={cfg.train.max_nonfinite_in_row}); stopping. Resume from the last "
             f"checkpoint with a lower train.lr or a smaller train.clip_grad.")
+
+
+def policy_gradients(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: TokenSums) -> None:
+    """The mini-batch's loss gradients, final in the DDP grad buffers (reduced over DP): the
+    forward/backward of this rank's micro-batches. The sum over micro-batches and ranks is the
+    gradient of the mini-batch's loss, whatever the plan's grouping."""
+    cfg, algo = run.recipe, run.recipe.algo
+    mini_mask = batch["mask"][mini_batch.rows]  # every DP rank's rows: the loss's normaliser
+    fields = ["response_index", "mask", "old_logprobs", "ref_logprobs", "advantages", "rollout_logprobs"]
+    mbs = micro_batches(batch, mini_batch.micro, run.layout.device, fields)
+    scale = len(mbs) * run.layout.data  # megatron divides by the micro-batch count, DDP averages over DP
+
+    def loss_fn(logprobs: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        x = mb.extras
+        lp = response_values(logprobs, x["response_index"])
+        weights = None  # TIS: multiplies the policy-gradient loss only; the mask stays 0/1
+        if cfg.rollout.tis_cap is not None:
+            weights = tis_weights(x["old_logprobs"], x["rollout_logprobs"], x["mask"], cfg.rollout.tis_cap)
+        loss, pg, kl, stats = policy_kl_loss(
+            lp, x["old_logprobs"], x["ref_logprobs"], x["advantages"], x["mask"], kl_coef=algo.kl_coef,
+            kl_estimator=algo.kl_estimator, is_weights=weights, eps_low=algo.eps_low, eps_high=algo.eps_high,
+            dual_clip_c=algo.dual_clip_c, agg=algo.loss_agg)
+        share = aggregation_share(cfg, x["mask"], mini_mask.to(x["mask"].device))
+        tokens = float(x["mask"].sum())
+        return loss * (share * scale), {"tokens": tokens, "share": share, "loss": float(loss.detach()),
+                                        "pg_loss": float(pg.detach()), "kl_loss": float(kl.detach()), **stats}
+
+    zero_grads(run.policy_ddp, run.optimizer)
+    reports = run_microbatches(run.policy_ddp, mbs, vocab_size=run.dims.vocab_size, loss_fn=loss_fn,
+                               temperature=cfg.rollout.temperature, chunk_tokens=cfg.train.logprob_chunk_tokens,
+                               pack=run.packed)
+    finalize_grads(run.policy_ddp)
+    losses = ("loss", "pg_loss", "kl_loss")
+    if counts_for_stats(run):
+        for report in reports:
+            for name in losses:  # the shares add up to the mini-batch's loss under any aggregation
+                sums.add(name, report[name] * report["share"], 0.0)
+            t = report["tokens"]
+            for name in ("clip_frac", "clip_frac_high", "clip_frac_low", "dual_clip_frac", "approx_kl", "ratio_mean"):
+                sums.add(name, report[name] * t, t)
+            sums.add_max("ratio_max", report["ratio_max"])
+    if dist.get_rank() == 0:  # one count per mini-batch: the metric is the mean of the mini-batch losses
+        for name in losses:
+            sums.add(name, 0.0, 1.0)
 
 
 def sync_tolerance(cfg: Recipe) -> SyncTolerance:
@@ -529,6 +545,35 @@ def check_recipe(recipe: Recipe) -> tuple[Path, ModelDims, Any, Any]:
     return hf_dir, dims, train_rows, val_rows
 
 
+def build_models(recipe: Recipe, dims: ModelDims, hf_dir: Path) -> tuple[Any, Any, Any, Any, Any]:
+    """``(policy, policy_ddp, reference, reference_module, optimizer)``: the policy with the
+    recipe's weights (``model.mcore_ckpt``, else ``model.hf_path``), the reference a copy of it,
+    megatron's optimizer over the policy. Collective (after :func:`init_parallel`)."""
+    policy, policy_ddp = build_policy(dims, recipe.precision, recipe.train)
+    reference, reference_module = build_reference(dims, recipe.precision)
+    if recipe.model.mcore_ckpt:
+        load_model(policy, recipe.model.mcore_ckpt)
+    else:
+        reader = HFReader(hf_dir)
+        load_hf_weights(policy, reader.get, dims)
+        reader.close()
+    copy_weights(policy, reference)
+    return policy, policy_ddp, reference, reference_module, build_optimizer(policy_ddp, recipe.train, recipe.precision)
+
+
+def packing_decision(recipe: Recipe, policy: Any) -> bool:
+    """Whether micro-batches are packed: ``train.sequence_packing`` where the attention kernels
+    take packed sequences; otherwise the reason is said once and the token budget is used."""
+    if not recipe.train.sequence_packing:
+        return False
+    reason = packing_unavailable_reason(policy)
+    if reason is None:
+        return True
+    log.warning("train.sequence_packing is off here: %s; micro-batches are padded rows under the token budget "
+                "instead", reason)
+    return False
+
+
 def setup(recipe: Recipe) -> Run:
     from transformers import AutoTokenizer
 
@@ -540,16 +585,7 @@ def setup(recipe: Recipe) -> Run:
     domains = {r.domain for r in train_rows + val_rows}
     pool = RewardPool(recipe.rewards.workers, pool_settings(recipe.rewards), code="code" in domains)
 
-    policy, policy_ddp = build_policy(dims, recipe.precision)
-    reference, reference_module = build_reference(dims, recipe.precision)
-    if recipe.model.mcore_ckpt:
-        load_model(policy, recipe.model.mcore_ckpt)
-    else:
-        reader = HFReader(hf_dir)
-        load_hf_weights(policy, reader.get, dims)
-        reader.close()
-    copy_weights(policy, reference)
-    optimizer = build_optimizer(policy_ddp, recipe.train, recipe.precision)
+    policy, policy_ddp, reference, reference_module, optimizer = build_models(recipe, dims, hf_dir)
 
     engine = RolloutEngine(str(hf_dir), recipe.rollout, recipe.precision, recipe.seed, load_weights=False)
 
@@ -568,7 +604,8 @@ def setup(recipe: Recipe) -> Run:
               engine=engine, pool=pool,
               mixture=PromptMixture(train_rows, recipe.data.domain_weights or None, recipe.data.shuffle_seed),
               encode=encode_row, val_prompts=val_prompts, scheduler=scheduler,
-              writer=MetricsWriter(recipe.logging.dir, enabled=False), progress=Progress(0, 0, enabled=False))
+              writer=MetricsWriter(recipe.logging.dir, enabled=False), progress=Progress(0, 0, enabled=False),
+              packed=packing_decision(recipe, policy))
     resume(run)
     if rank0:
         (Path(recipe.checkpoint.dir) / STOPPED_FILE).unlink(missing_ok=True)
@@ -581,6 +618,21 @@ def setup(recipe: Recipe) -> Run:
              layout.data, len(train_rows), len(val_prompts))
     run.progress = Progress(recipe.train.steps, run.step, enabled=rank0)
     return run
+
+
+def passes_only(recipe: Recipe) -> Run:
+    """A :class:`Run` that holds only what the training passes read (layout, models, optimizer,
+    counters): no engine, data, verifiers or writers. For benchmarks and tests that drive
+    :func:`old_and_reference_logprobs`, :func:`policy_gradients` and :func:`update_policy` on
+    batches of their own. Collective: initialises the process group like :func:`setup`."""
+    hf_dir = Path(recipe.model.hf_path)
+    dims = model_dims(read_hf_config(str(hf_dir)))
+    layout = init_parallel(recipe.parallel.tensor, recipe.parallel.pipeline, seed=recipe.seed)
+    policy, policy_ddp, reference, reference_module, optimizer = build_models(recipe, dims, hf_dir)
+    return Run(recipe=recipe, layout=layout, dims=dims, hf_dir=hf_dir, pad_id=0, policy=policy, policy_ddp=policy_ddp,
+               reference=reference, reference_module=reference_module, optimizer=optimizer, engine=None, pool=None,
+               mixture=None, encode=None, val_prompts=[], scheduler=None, writer=None, progress=None,
+               packed=packing_decision(recipe, policy))
 
 
 def train(recipe: Recipe) -> Run:

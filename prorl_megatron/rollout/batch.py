@@ -10,7 +10,7 @@ per-response-token values [N, R] (``mask`` marks the R positions that are real t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -108,21 +108,112 @@ class MiniBatch:
     micro: list[list[int]]
 
 
+def micro_batch_cost(lengths: Sequence[int], packed: bool = False) -> int:
+    """Tokens a micro-batch computes: rows x the longest row (right-padded), or the sum of the
+    lengths when the rows are packed into one sequence."""
+    if not lengths:
+        return 0
+    return int(sum(lengths)) if packed else len(lengths) * int(max(lengths))
+
+
+def token_micro_batches(rows: list[int], lengths: Sequence[int], max_tokens: int, packed: bool = False,
+                        min_count: int = 1) -> list[list[int]]:
+    """Group ``rows`` into micro-batches of similar length whose cost stays <= ``max_tokens``.
+
+    ``lengths[r]`` is row ``r``'s length in tokens (prompt + response). Rows are sorted by
+    length, longest first, and consecutive rows share a micro-batch while its
+    :func:`micro_batch_cost` fits, so padding is only the gap between neighbours in that order.
+    A row longer than ``max_tokens`` gets a micro-batch of its own. Then, while there are fewer
+    than ``min_count`` micro-batches (e.g. the DP size: no rank without work), the costliest
+    one with more than one row is split in two.
+    """
+    order = sorted(rows, key=lambda r: (-int(lengths[r]), r))
+    groups: list[list[int]] = []
+    for r in order:
+        if groups and micro_batch_cost([lengths[i] for i in groups[-1]] + [lengths[r]], packed) <= max_tokens:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    while len(groups) < min_count:
+        splittable = [g for g in groups if len(g) > 1]
+        if not splittable:
+            break
+        costliest = max(splittable, key=lambda g: micro_batch_cost([lengths[i] for i in g], packed))
+        at = groups.index(costliest)
+        half = (len(costliest) + 1) // 2
+        groups[at: at + 1] = [costliest[:half], costliest[half:]]
+    return groups
+
+
+def balance_over_ranks(costs: Sequence[int], dp_size: int) -> list[list[int]]:
+    """Indices of ``costs`` (micro-batches) per DP rank, balancing the sum of costs.
+
+    Longest-processing-time first (each item, costliest first, to the least loaded rank; ties
+    to the lower rank), then single moves and pairwise swaps between the most and the least
+    loaded rank while they lower the most loaded rank's load. Deterministic: every rank
+    computes the same assignment from the same costs.
+    """
+    ranks: list[list[int]] = [[] for _ in range(dp_size)]
+    load = [0] * dp_size
+    for i in sorted(range(len(costs)), key=lambda i: (-int(costs[i]), i)):
+        k = min(range(dp_size), key=lambda j: (load[j], j))
+        ranks[k].append(i)
+        load[k] += int(costs[i])
+    for _ in range(4 * len(costs)):
+        hi = max(range(dp_size), key=lambda j: (load[j], -j))
+        lo = min(range(dp_size), key=lambda j: (load[j], j))
+        gap = load[hi] - load[lo]
+        best, best_delta = None, 0
+        for a in ranks[hi]:  # move a: hi -> lo, or swap a <-> b; delta = how much hi's load drops
+            delta = int(costs[a])
+            if 0 < delta < gap and delta > best_delta:
+                best, best_delta = (a, None), delta
+            for b in ranks[lo]:
+                delta = int(costs[a]) - int(costs[b])
+                if 0 < delta < gap and delta > best_delta:
+                    best, best_delta = (a, b), delta
+        if best is None:
+            break
+        a, b = best
+        ranks[hi].remove(a)
+        ranks[lo].append(a)
+        if b is not None:
+            ranks[lo].remove(b)
+            ranks[hi].append(b)
+        load[hi] -= best_delta
+        load[lo] += best_delta
+    return [sorted(r, key=lambda i: (-int(costs[i]), i)) for r in ranks]
+
+
 def training_plan(groups: list[list[int]], mini_batch_groups: int, dp_size: int, dp_rank: int,
-                  micro_batch_size: int) -> list[MiniBatch]:
+                  micro_batch_size: int, lengths: Optional[Sequence[int]] = None,
+                  max_tokens: Optional[int] = None, packed: bool = False) -> list[MiniBatch]:
     """Which rows this data-parallel rank trains on, mini-batch by mini-batch.
 
     ``groups``: the row indices of each kept prompt group, in order. Mini-batch ``m`` holds
-    groups ``[m * G, (m + 1) * G)``; its rows are split evenly over the DP ranks, then into
-    micro-batches of at most ``micro_batch_size`` rows. The same plan serves the logprob
-    pass and the update, so the first update sees exactly the old logprobs' micro-batches.
+    groups ``[m * G, (m + 1) * G)``. With a token budget (``max_tokens`` and each row's
+    ``lengths``), its rows are grouped into micro-batches of similar length under the budget
+    (:func:`token_micro_batches`; ``packed``: costed as packed sequences) and the micro-batches
+    are spread over the DP ranks balancing tokens (:func:`balance_over_ranks`). Without one,
+    its rows are split evenly by count over the ranks, in order, then into micro-batches of
+    ``micro_batch_size`` rows. Either way the same plan serves the logprob pass and the update,
+    so the first update sees exactly the old logprobs' micro-batches; the loss does not depend
+    on the grouping (``aggregation_share`` normalises by the whole mini-batch).
     """
+    if max_tokens is not None and lengths is None:
+        raise ValueError("a token budget needs each row's length")
     plan = []
     for start in range(0, len(groups), mini_batch_groups):
         rows = [r for g in groups[start: start + mini_batch_groups] for r in g]
-        start_row, end_row = shard_bounds(len(rows), dp_size, dp_rank)
-        mine = rows[start_row:end_row]
-        plan.append(MiniBatch(rows, [mine[i: i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]))
+        if max_tokens is None:
+            start_row, end_row = shard_bounds(len(rows), dp_size, dp_rank)
+            mine = rows[start_row:end_row]
+            micro = [mine[i: i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+        else:
+            candidates = token_micro_batches(rows, lengths, max_tokens, packed, min_count=dp_size)
+            costs = [micro_batch_cost([lengths[r] for r in m], packed) for m in candidates]
+            micro = [candidates[i] for i in balance_over_ranks(costs, dp_size)[dp_rank]]
+        plan.append(MiniBatch(rows, micro))
     return plan
 
 
@@ -133,5 +224,6 @@ def micro_batches(batch: TrainBatch, row_lists: Iterable[list[int]], device: tor
     for rows in row_lists:
         part = batch.rows(rows)
         names = fields if fields is not None else [k for k in part.tensors if k != "input_ids"]
-        out.append(MicroBatch(part["input_ids"].to(device), {k: part[k].to(device) for k in names}))
+        out.append(MicroBatch(part["input_ids"].to(device), {k: part[k].to(device) for k in names},
+                              lengths=(part["prompt_len"] + part["response_len"]).to(device)))
     return out

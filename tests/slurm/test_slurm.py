@@ -35,7 +35,7 @@ def sbatch(cluster: Cluster, run_dir: Path, hf_dir: Path, *overrides: str, wait:
            "--time=30:00", f"--output={run_dir}/slurm-%j.out", f"--export={env_vars}",
            *(["--wait"] if wait else []), SCRIPT,
            f"model.hf_path={hf_dir}", "train.prompts_per_step=8", "train.mini_batch_prompts=4",
-           "train.micro_batch_size=16", "eval.every_n_steps=0", "logging.console_every=1", *overrides]
+           "train.max_tokens_per_micro_batch=384", "eval.every_n_steps=0", "logging.console_every=1", *overrides]
     run_dir.mkdir(parents=True, exist_ok=True)
     done = cluster.run(*cmd, timeout=1200)
     job = done.stdout.strip().split(";")[0].splitlines()[0] if done.stdout.strip() else ""

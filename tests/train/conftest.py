@@ -12,7 +12,7 @@ def train_command(run_dir: Path, hf_dir: Path, *overrides: str, nproc: int = 2, 
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
             "-m", module, "--recipe", "recipes/tiny_cpu.yaml", f"model.hf_path={hf_dir}",
             f"checkpoint.dir={run_dir}/ckpt", f"logging.dir={run_dir}/logs", "train.prompts_per_step=8",
-            "train.mini_batch_prompts=4", "train.micro_batch_size=16", "eval.n_samples=4", "eval.ks=[1,4]",
+            "train.mini_batch_prompts=4", "train.max_tokens_per_micro_batch=384", "eval.n_samples=4", "eval.ks=[1,4]",
             "eval.every_n_steps=0", "logging.console_every=1", *overrides]
 
 
