@@ -75,11 +75,16 @@ def test_pp2_run_trains(tiny_base, tmp_path):
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000002"  # the final step is saved
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_resume_after_kill_matches_an_uninterrupted_run(tiny_base, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,layout", [
+    ("float32", ["parallel.tensor=2"]),
+    # DP2: micro-batches balanced over two ranks, Adam's state sharded over them
+    ("bfloat16", ["parallel.tensor=1", "train.distributed_optimizer=true"]),
+    ("float16", ["parallel.tensor=2"]),
+], ids=["float32-tp2", "bfloat16-dp2-distributed-optimizer", "float16-tp2"])
+def test_resume_after_kill_matches_an_uninterrupted_run(tiny_base, tmp_path, dtype, layout):
     """6 steps straight == a stop signal during step 2's rollout (step 1 checkpointed then), resume,
     kill -9 in step 4, resume, kill -9 mid-checkpoint in step 5 (right after step 4's reset), resume."""
-    overrides = ["train.steps=6", "reset.every_n_steps=2", f"precision.params_dtype={dtype}"]
+    overrides = ["train.steps=6", "reset.every_n_steps=2", f"precision.params_dtype={dtype}", *layout]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     ok(run(train_command(straight, tiny_base, *overrides, "checkpoint.every_n_steps=3")))
 
