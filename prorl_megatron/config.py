@@ -33,6 +33,7 @@ AggMode = Literal[
     "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 ]
 Domain = Literal["math", "code", "stem", "logic", "instruction"]
+Correction = Literal["none", "token_tis", "seq_mask_tis", "icepop"]  # algo/rollout_correction.py
 
 
 class ConfigError(ValueError):
@@ -91,8 +92,19 @@ class RolloutConfig:
     sleep_between_rollouts: bool = True  # GPU only: release KV cache and weights for training
     truncated: Literal["zero_reward", "mask", "keep"] = "zero_reward"  # overlong responses
     tis_cap: Optional[float] = None  # truncated importance sampling cap C; None: off
+    # train/rollout mismatch correction of the policy-gradient loss (prorl_megatron/algo/
+    # rollout_correction.py): token_tis min(r, tis_cap); icepop masks tokens with r outside
+    # [correction_low, correction_high]; seq_mask_tis masks sequences whose geometric-mean r is
+    # outside it. none with tis_cap set is token_tis (the older spelling)
+    correction: Correction = "none"
+    correction_low: Optional[float] = None  # icepop / seq_mask_tis band (ProRL v2: 0.5, v2.1: 0.999)
+    correction_high: Optional[float] = None  # (ProRL v2: 5.0, v2.1: 1.002)
     check_sync_every: int = 0  # engine-vs-policy logprob parity check every N steps; 0: never
     sync_bucket_mib: int = 256  # weight sync moves full tensors in buckets of at most this size
+
+    def correction_mode(self) -> str:
+        """The correction in effect: ``correction``, or ``token_tis`` for none + ``tis_cap``."""
+        return "token_tis" if self.correction == "none" and self.tis_cap is not None else self.correction
 
 
 @dataclass
@@ -167,6 +179,23 @@ class DataConfig:
 
 
 @dataclass
+class LengthPenaltyConfig:
+    """ProRL v2's scheduled cosine length penalty (prorl_megatron/algo/length_penalty.py): a
+    response's reward becomes v1 + (v0 - v1)(1 + cos(pi L / rollout.max_response_tokens)) / 2,
+    (v0, v1) = ``correct`` if its verifier reward > ``threshold`` else ``wrong``, during
+    ``on_steps`` steps of every ``on_steps + off_steps`` from ``start_step``. Metrics and
+    dynamic sampling see the verifier rewards; advantages see the shaped ones."""
+
+    kind: Literal["none", "cosine"] = "none"
+    correct: list[float] = field(default_factory=lambda: [1.0, 0.5])  # reward at length 0, at the limit
+    wrong: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    threshold: float = 0.5  # a verifier reward above this counts as correct
+    on_steps: int = 100  # ProRL v2 blog: "100 updates on, 500 off"
+    off_steps: int = 500
+    start_step: int = 1  # the first step of the first "on" window (steps count from 1)
+
+
+@dataclass
 class RewardsConfig:
     """Verifiers; each runs in a worker process with a per-sample timeout."""
 
@@ -177,6 +206,7 @@ class RewardsConfig:
     code_cpu_s: float = 5.0
     code_memory_mib: int = 1024
     strip_think: bool = True  # score only what follows </think>; an unclosed think scores 0
+    length_penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
 
 
 @dataclass
@@ -289,6 +319,7 @@ class Recipe:
         )
         if self.rollout.tis_cap is not None:
             need(self.rollout.tis_cap > 0.0, f"rollout.tis_cap must be > 0 (or null), got {self.rollout.tis_cap}")
+        self._validate_correction(need)
         need(self.train.lr > 0.0, f"train.lr must be > 0, got {self.train.lr}")
         need(self.train.clip_grad >= 0.0, f"train.clip_grad must be >= 0 (0: off), got {self.train.clip_grad}")
         need(
@@ -334,6 +365,7 @@ class Recipe:
             need(weight >= 0.0 and math.isfinite(weight), f"data.domain_weights.{domain} must be >= 0, got {weight}")
         if self.data.domain_weights:
             need(sum(self.data.domain_weights.values()) > 0, "data.domain_weights must not all be 0")
+        self._validate_length_penalty(need)
         need(self.eval.temperature >= 0.0, f"eval.temperature must be >= 0, got {self.eval.temperature}")
         need(self.eval.temperature > 0.0 or self.eval.n_samples == 1,
              f"eval.temperature=0 is greedy decoding: eval.n_samples must be 1, got {self.eval.n_samples}")
@@ -361,6 +393,37 @@ class Recipe:
         if problems:
             raise ConfigError(f"{source}: invalid recipe:\n  " + "\n  ".join(problems))
         return self
+
+    def _validate_correction(self, need) -> None:
+        ro = self.rollout
+        band = ro.correction in ("icepop", "seq_mask_tis")
+        if ro.correction == "token_tis":
+            need(ro.tis_cap is not None, "rollout.correction=token_tis needs its cap: set rollout.tis_cap (e.g. 2.0)")
+        if band:
+            need(ro.tis_cap is None, f"rollout.tis_cap is token_tis's cap; rollout.correction={ro.correction} uses "
+                                     "rollout.correction_low/correction_high instead: set rollout.tis_cap=null")
+            need(ro.correction_low is not None and ro.correction_high is not None,
+                 f"rollout.correction={ro.correction} needs its band: set rollout.correction_low and "
+                 "rollout.correction_high (ProRL v2 icepop: 0.5, 5.0; ProRL v2.1 seq_mask_tis: 0.999, 1.002)")
+            if ro.correction_low is not None and ro.correction_high is not None:
+                need(0.0 <= ro.correction_low <= ro.correction_high and ro.correction_high > 0.0,
+                     f"rollout.correction_low/correction_high must satisfy 0 <= low <= high, high > 0, got "
+                     f"{ro.correction_low}, {ro.correction_high}")
+        else:
+            unused = [k for k in ("correction_low", "correction_high") if getattr(ro, k) is not None]
+            need(not unused, f"rollout.{' and rollout.'.join(unused)} set but rollout.correction={ro.correction} "
+                             "does not use a band (icepop and seq_mask_tis do)")
+
+    def _validate_length_penalty(self, need) -> None:
+        lp = self.rewards.length_penalty
+        for name in ("correct", "wrong"):
+            values = getattr(lp, name)
+            need(len(values) == 2 and all(math.isfinite(v) for v in values),
+                 f"rewards.length_penalty.{name} must be two finite numbers [at length 0, at the length limit], "
+                 f"got {values}")
+        need(lp.on_steps >= 1, f"rewards.length_penalty.on_steps must be >= 1, got {lp.on_steps}")
+        need(lp.off_steps >= 0, f"rewards.length_penalty.off_steps must be >= 0, got {lp.off_steps}")
+        need(lp.start_step >= 0, f"rewards.length_penalty.start_step must be >= 0, got {lp.start_step}")
 
 
 # --------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from prorl_megatron.algo import (
-    ResetScheduler, compute_advantages, keep_informative_groups, kl_penalty, logprob_mismatch,
-    policy_kl_loss, tis_weights,
+    ResetScheduler, compute_advantages, correction_weights, keep_informative_groups, kl_penalty, logprob_mismatch,
+    policy_kl_loss, scheduled_cosine_length_rewards,
 )
 from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir, load_model
 from prorl_megatron.checkpoint.hf_io import CheckpointError, HFReader
@@ -162,7 +162,8 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
                 metrics.update({f"sync/logprob_diff_{k}": v for k, v in parity.items()})
         metrics.update(sums.means(
             ["entropy", "kl_ref", "mismatch_mean", "loss", "pg_loss", "kl_loss", "clip_frac", "clip_frac_high",
-             "clip_frac_low", "dual_clip_frac", "approx_kl", "ratio_mean", "grad_norm"],
+             "clip_frac_low", "dual_clip_frac", "approx_kl", "ratio_mean", "grad_norm"]
+            + (["is_oob_frac"] if cfg.rollout.correction_mode() != "none" else []),
             ["mismatch_max", "ratio_max"]))
         metrics["updates"] = len(plan)
         metrics["tokens"] = int(batch["mask"].sum())
@@ -245,8 +246,26 @@ def collect_samples(run: Run, step: int, timer: PhaseTimer) -> tuple[list[Sample
         for s in group:
             s.group = g
             samples.append(s)
-    return samples, {**rollout_metrics(every), "sampling/rounds": rounds, "sampling/prompts": drawn,
-                     "sampling/kept_groups": len(kept), "sampling/kept_frac": len(kept) / max(drawn, 1)}
+    metrics = {**rollout_metrics(every), "sampling/rounds": rounds, "sampling/prompts": drawn,
+               "sampling/kept_groups": len(kept), "sampling/kept_frac": len(kept) / max(drawn, 1)}
+    metrics.update(shape_rewards(cfg, samples, step))  # after the metrics and the filter: they see verifier rewards
+    return samples, metrics
+
+
+def shape_rewards(cfg: Recipe, samples: list[Sample], step: int) -> dict[str, float]:
+    """``rewards.length_penalty`` on the samples' rewards, in place (the verifier's reward is kept
+    in ``info["verifier_reward"]``); returns its metrics."""
+    lp = cfg.rewards.length_penalty
+    if lp.kind == "none" or not samples:
+        return {}
+    shaped, active = scheduled_cosine_length_rewards(
+        torch.tensor([s.reward for s in samples]), torch.tensor([len(s.response_ids) for s in samples]),
+        cfg.rollout.max_response_tokens, step, on_steps=lp.on_steps, off_steps=lp.off_steps,
+        start_step=lp.start_step, correct=tuple(lp.correct), wrong=tuple(lp.wrong), threshold=lp.threshold)
+    if active:
+        for s, r in zip(samples, shaped.tolist()):
+            s.info["verifier_reward"], s.reward = s.reward, r
+    return {"length_penalty/active": float(active), "reward/shaped_mean": float(shaped.mean())}
 
 
 def draw_prompts(run: Run, count: int) -> list[EncodedPrompt]:
@@ -364,7 +383,8 @@ def policy_gradients(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: T
     """The mini-batch's loss gradients, final in the DDP grad buffers (reduced over DP): the
     forward/backward of this rank's micro-batches. The sum over micro-batches and ranks is the
     gradient of the mini-batch's loss, whatever the plan's grouping."""
-    cfg, algo = run.recipe, run.recipe.algo
+    cfg, algo, ro = run.recipe, run.recipe.algo, run.recipe.rollout
+    correction = ro.correction_mode()  # none | token_tis | icepop | seq_mask_tis
     mini_mask = batch["mask"][mini_batch.rows]  # every DP rank's rows: the loss's normaliser
     fields = ["response_index", "mask", "old_logprobs", "ref_logprobs", "advantages", "rollout_logprobs"]
     mbs = micro_batches(batch, mini_batch.micro, run.layout.device, fields)
@@ -373,9 +393,12 @@ def policy_gradients(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: T
     def loss_fn(logprobs: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         x = mb.extras
         lp = response_values(logprobs, x["response_index"])
-        weights = None  # TIS: multiplies the policy-gradient loss only; the mask stays 0/1
-        if cfg.rollout.tis_cap is not None:
-            weights = tis_weights(x["old_logprobs"], x["rollout_logprobs"], x["mask"], cfg.rollout.tis_cap)
+        weights, oob = None, {}  # rollout correction: multiplies the policy-gradient loss only; the mask stays 0/1
+        if correction != "none":
+            weights, frac = correction_weights(correction, x["old_logprobs"], x["rollout_logprobs"], x["mask"],
+                                               cap=ro.tis_cap, low=ro.correction_low, high=ro.correction_high)
+            units = (x["mask"].sum(1) > 0) if correction == "seq_mask_tis" else x["mask"]  # sequences or tokens
+            oob = {"is_oob_frac": frac, "oob_units": float(units.sum())}
         loss, pg, kl, stats = policy_kl_loss(
             lp, x["old_logprobs"], x["ref_logprobs"], x["advantages"], x["mask"], kl_coef=algo.kl_coef,
             kl_estimator=algo.kl_estimator, is_weights=weights, eps_low=algo.eps_low, eps_high=algo.eps_high,
@@ -383,7 +406,7 @@ def policy_gradients(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: T
         share = aggregation_share(cfg, x["mask"], mini_mask.to(x["mask"].device))
         tokens = float(x["mask"].sum())
         return loss * (share * scale), {"tokens": tokens, "share": share, "loss": float(loss.detach()),
-                                        "pg_loss": float(pg.detach()), "kl_loss": float(kl.detach()), **stats}
+                                        "pg_loss": float(pg.detach()), "kl_loss": float(kl.detach()), **stats, **oob}
 
     zero_grads(run.policy_ddp, run.optimizer)
     reports = run_microbatches(run.policy_ddp, mbs, vocab_size=run.dims.vocab_size, loss_fn=loss_fn,
@@ -399,6 +422,8 @@ def policy_gradients(run: Run, batch: TrainBatch, mini_batch: MiniBatch, sums: T
             for name in ("clip_frac", "clip_frac_high", "clip_frac_low", "dual_clip_frac", "approx_kl", "ratio_mean"):
                 sums.add(name, report[name] * t, t)
             sums.add_max("ratio_max", report["ratio_max"])
+            if "is_oob_frac" in report:  # outside the correction's band: of tokens, or of sequences (seq_mask_tis)
+                sums.add("is_oob_frac", report["is_oob_frac"] * report["oob_units"], report["oob_units"])
     if dist.get_rank() == 0:  # one count per mini-batch: the metric is the mean of the mini-batch losses
         for name in losses:
             sums.add(name, 0.0, 1.0)

@@ -154,3 +154,40 @@ def test_sampling_seed_budget_is_checked(tmp_path):
     with pytest.raises(C.ConfigError, match=r"\(train.steps \+ 1\) x algo.max_sampling_rounds x "
                                             r"train.prompts_per_step x rollout.n = \d+ sampling seeds exceed"):
         C.load_recipe(path, ["train.steps=1000000"])
+
+
+def test_v2_recipe_holds_the_nemo_rl_prorl_v2_settings():
+    r = C.load_recipe(ROOT / "recipes/prorl_v2_1p5b.yaml")
+    assert r.algo.advantage == "reinforce_pp_baseline" and r.algo.kl_estimator == "k2"
+    assert (r.algo.eps_low, r.algo.eps_high, r.algo.dual_clip_c) == (0.2, 0.27, None)
+    assert r.algo.kl_coef == pytest.approx(1e-4) and r.algo.dynamic_sampling
+    assert r.rollout.correction_mode() == "icepop" and (r.rollout.correction_low, r.rollout.correction_high) == (0.5, 5.0)
+    assert r.rewards.length_penalty.kind == "cosine"
+    assert (r.rewards.length_penalty.on_steps, r.rewards.length_penalty.off_steps) == (100, 500)
+    assert not r.reset.reset_optimizer
+
+
+def test_rollout_correction_settings(tmp_path):
+    path = write(tmp_path, "rollout:\n  tis_cap: 2.0\n")
+    assert C.load_recipe(path).rollout.correction_mode() == "token_tis"  # the older spelling still works
+    assert C.load_recipe(path, ["rollout.correction=token_tis"]).rollout.correction_mode() == "token_tis"
+    assert C.load_recipe(path, ["rollout.tis_cap=null"]).rollout.correction_mode() == "none"
+    ok = C.load_recipe(path, ["rollout.tis_cap=null", "rollout.correction=seq_mask_tis",
+                              "rollout.correction_low=0.999", "rollout.correction_high=1.002"])
+    assert ok.rollout.correction_mode() == "seq_mask_tis"
+    cases = {
+        ("rollout.tis_cap=null", "rollout.correction=token_tis"): "needs its cap: set rollout.tis_cap",
+        ("rollout.correction=icepop", "rollout.correction_low=0.5", "rollout.correction_high=5"):
+            "rollout.tis_cap is token_tis's cap",
+        ("rollout.tis_cap=null", "rollout.correction=icepop"): "needs its band: set rollout.correction_low",
+        ("rollout.tis_cap=null", "rollout.correction=icepop", "rollout.correction_low=2",
+         "rollout.correction_high=1"): "must satisfy 0 <= low <= high",
+        ("rollout.correction_high=5",): "rollout.correction_high set but rollout.correction=none",
+        ("rewards.length_penalty.wrong=[0]",): "rewards.length_penalty.wrong must be two finite numbers",
+        ("rewards.length_penalty.on_steps=0",): "rewards.length_penalty.on_steps must be >= 1",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(C.ConfigError, match=message.replace("(", r"\(")):
+            C.load_recipe(path, list(overrides))
+    with pytest.raises(C.ConfigError, match="did you mean 'icepop'"):
+        C.load_recipe(path, ["rollout.correction=icepopp"])

@@ -5,23 +5,33 @@
   importance weights), KL estimators, loss aggregation, the whole objective;
 - :mod:`~prorl_megatron.algo.sampling`: dynamic-sampling filter, pass@k;
 - :mod:`~prorl_megatron.algo.reset`: the reference-reset scheduler;
-- :mod:`~prorl_megatron.algo.rollout_correction`: train/rollout logprob mismatch, TIS weights.
+- :mod:`~prorl_megatron.algo.rollout_correction`: train/rollout logprob mismatch, TIS,
+  IcePop and sequence-masked TIS weights;
+- :mod:`~prorl_megatron.algo.length_penalty`: ProRL v2's scheduled cosine length penalty.
 """
 
-from prorl_megatron.algo import advantages, losses, reset, rollout_correction, sampling
+from prorl_megatron.algo import advantages, length_penalty, losses, reset, rollout_correction, sampling
 from prorl_megatron.algo.advantages import (
     compute_advantages,
     grpo_advantages,
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
+from prorl_megatron.algo.length_penalty import scheduled_cosine_length_rewards
 from prorl_megatron.algo.losses import aggregate, kl_penalty, policy_kl_loss, policy_loss
 from prorl_megatron.algo.reset import ResetEvent, ResetScheduler
-from prorl_megatron.algo.rollout_correction import logprob_mismatch, tis_weights
+from prorl_megatron.algo.rollout_correction import (
+    correction_weights,
+    icepop_weights,
+    logprob_mismatch,
+    seq_mask_tis_weights,
+    tis_weights,
+)
 from prorl_megatron.algo.sampling import keep_informative_groups, pass_at_k
 
 __all__ = [
     "advantages",
+    "length_penalty",
     "losses",
     "reset",
     "rollout_correction",
@@ -38,6 +48,10 @@ __all__ = [
     "ResetScheduler",
     "logprob_mismatch",
     "tis_weights",
+    "icepop_weights",
+    "seq_mask_tis_weights",
+    "correction_weights",
+    "scheduled_cosine_length_rewards",
     "keep_informative_groups",
     "pass_at_k",
 ]

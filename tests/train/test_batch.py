@@ -1,5 +1,8 @@
 """Rollouts -> training tensors, the DP training plan, and exact loss aggregation over shards."""
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from prorl_megatron.algo import aggregate
@@ -56,3 +59,26 @@ def test_sharded_losses_add_up_to_the_mini_batch_loss():
         recipe.algo.loss_agg = agg
         total = sum(aggregate(values[s], mask[s], agg) * aggregation_share(recipe, mask[s], mask) for s in shards)
         assert torch.allclose(total, aggregate(values, mask, agg), atol=1e-6), agg
+
+
+def test_length_penalty_shapes_the_kept_rewards_in_its_on_steps():
+    from prorl_megatron.config import load_recipe
+    from prorl_megatron.train import shape_rewards
+
+    v2_recipe = Path(__file__).resolve().parents[2] / "recipes/prorl_v2_1p5b.yaml"
+
+    cfg = load_recipe(v2_recipe, ["rollout.max_response_tokens=100",
+                                                    "rewards.length_penalty.on_steps=2",
+                                                    "rewards.length_penalty.off_steps=3"])
+    fresh = lambda: [sample([1], [2] * 50, reward=1.0), sample([1], [2] * 100, reward=1.0),  # noqa: E731
+                     sample([1], [2] * 50, reward=0.0)]
+    samples = fresh()
+    m = shape_rewards(cfg, samples, step=2)  # steps 1, 2 on; 3, 4, 5 off; 6, 7 on
+    assert [s.reward for s in samples] == pytest.approx([0.75, 0.5, 0.0])
+    assert [s.info["verifier_reward"] for s in samples] == [1.0, 1.0, 0.0]
+    assert m == {"length_penalty/active": 1.0, "reward/shaped_mean": pytest.approx(1.25 / 3)}
+    samples = fresh()
+    assert shape_rewards(cfg, samples, step=4)["length_penalty/active"] == 0.0
+    assert [s.reward for s in samples] == [1.0, 1.0, 0.0] and "verifier_reward" not in samples[0].info
+    off = load_recipe(v2_recipe, ["rewards.length_penalty.kind=none"])
+    assert shape_rewards(off, fresh(), step=2) == {}

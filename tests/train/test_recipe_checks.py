@@ -37,3 +37,8 @@ def test_missing_model_and_bad_resume_target(tiny_base, tmp_path):
 def test_unknown_recipe_key_is_named():
     out = train("algo.eps_hihg=0.3")
     assert out.returncode == 2 and "eps_hihg" in out.stderr
+
+
+def test_rollout_correction_without_its_band_is_named():
+    out = train("rollout.correction=icepop")
+    assert out.returncode == 2 and "rollout.correction=icepop needs its band" in out.stderr
