@@ -75,10 +75,10 @@ class Packed:
         """megatron's ``PackedSeqParams`` (q and kv are the same sequences)."""
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        # the *_padded bounds equal the plain ones: padding is part of each sequence (as NeMo-RL
-        # does), so TE never leaves padded positions uncomputed
+        # padding is part of each sequence (as NeMo-RL does), so TE never leaves padded positions
+        # uncomputed and no *_padded bounds are needed: given equal to the plain ones, TE would
+        # compare the two on the device (a host sync) in every attention call to find that out
         return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-                               cu_seqlens_q_padded=self.cu_seqlens, cu_seqlens_kv_padded=self.cu_seqlens,
                                max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
 
     def unpack(self, values: torch.Tensor, width: int) -> torch.Tensor:

@@ -225,5 +225,5 @@ def micro_batches(batch: TrainBatch, row_lists: Iterable[list[int]], device: tor
         part = batch.rows(rows)
         names = fields if fields is not None else [k for k in part.tensors if k != "input_ids"]
         out.append(MicroBatch(part["input_ids"].to(device), {k: part[k].to(device) for k in names},
-                              lengths=(part["prompt_len"] + part["response_len"]).to(device)))
+                              lengths=part["prompt_len"] + part["response_len"]))  # on the host: packing reads it
     return out
