@@ -34,6 +34,7 @@ AggMode = Literal[
 ]
 Domain = Literal["math", "code", "stem", "logic", "instruction"]
 Correction = Literal["none", "token_tis", "seq_mask_tis", "icepop"]  # algo/rollout_correction.py
+HealthAction = Literal["warn", "reset", "stop", "rollback"]  # prorl_megatron/health.py
 
 
 class ConfigError(ValueError):
@@ -73,7 +74,7 @@ class ParallelConfig:
 
     tensor: int = 1
     pipeline: int = 1
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # not supported yet (Recipe.validate refuses true)
 
 
 @dataclass
@@ -167,6 +168,32 @@ class ResetConfig:
 
 
 @dataclass
+class HealthCheck:
+    """One health check (prorl_megatron/health.py): off while ``threshold`` is null."""
+
+    threshold: Optional[float] = None  # the floor or ceiling of the check's metric
+    window: int = 1  # consecutive steps beyond the threshold before the alarm
+    # warn: an event and a console line; reset: the reference + optimizer reset; stop: checkpoint
+    # this step, exit with status 4; rollback: back to the newest checkpoint before the first bad
+    # step, the steps after it redone with other sampling seeds
+    action: HealthAction = "warn"
+
+
+@dataclass
+class HealthConfig:
+    """Per-step checks on the step's metrics, each off until its threshold is set."""
+
+    entropy_floor: HealthCheck = field(default_factory=HealthCheck)  # entropy < threshold: collapse
+    kl_ref_ceiling: HealthCheck = field(default_factory=HealthCheck)  # kl_ref (KL to the reference) >
+    approx_kl_ceiling: HealthCheck = field(default_factory=HealthCheck)  # approx_kl (to the old policy) >
+    mismatch_ceiling: HealthCheck = field(default_factory=HealthCheck)  # mismatch_mean (train/rollout) >
+    truncated_ceiling: HealthCheck = field(default_factory=HealthCheck)  # response_length/truncated_frac >
+    reward_floor: HealthCheck = field(default_factory=HealthCheck)  # reward/mean and every domain's <=
+    nonfinite: Optional[HealthAction] = None  # a NaN/inf among the step's metrics: this action; null: off
+    max_rollbacks: int = 3  # rollbacks per run; a rollback alarm past them stops the run instead
+
+
+@dataclass
 class DataConfig:
     """Prompt datasets: local jsonl/parquet files in the project's schema."""
 
@@ -254,6 +281,7 @@ class Recipe:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reset: ResetConfig = field(default_factory=ResetConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -305,6 +333,9 @@ class Recipe:
         if self.algo.dual_clip_c is not None:
             need(self.algo.dual_clip_c > 1.0, f"algo.dual_clip_c must be > 1 (or null), got {self.algo.dual_clip_c}")
         need(self.algo.kl_coef >= 0.0, f"algo.kl_coef must be >= 0, got {self.algo.kl_coef}")
+        need(not self.parallel.sequence_parallel,
+             "parallel.sequence_parallel=true is not supported yet: the models are built without it and the "
+             "chunked logprob head expects the whole sequence on every TP rank; leave it false")
         need(self.rollout.temperature > 0.0, f"rollout.temperature must be > 0, got {self.rollout.temperature}")
         need(
             self.rollout.top_p == 1.0,
@@ -366,6 +397,7 @@ class Recipe:
         if self.data.domain_weights:
             need(sum(self.data.domain_weights.values()) > 0, "data.domain_weights must not all be 0")
         self._validate_length_penalty(need)
+        self._validate_health(need)
         need(self.eval.temperature >= 0.0, f"eval.temperature must be >= 0, got {self.eval.temperature}")
         need(self.eval.temperature > 0.0 or self.eval.n_samples == 1,
              f"eval.temperature=0 is greedy decoding: eval.n_samples must be 1, got {self.eval.n_samples}")
@@ -413,6 +445,31 @@ class Recipe:
             unused = [k for k in ("correction_low", "correction_high") if getattr(ro, k) is not None]
             need(not unused, f"rollout.{' and rollout.'.join(unused)} set but rollout.correction={ro.correction} "
                              "does not use a band (icepop and seq_mask_tis do)")
+
+    def _validate_health(self, need) -> None:
+        from prorl_megatron.health import CHECKS
+
+        h = self.health
+        checks = {name: getattr(h, name) for name in CHECKS}
+        for name, check in checks.items():
+            need(check.window >= 1, f"health.{name}.window must be >= 1, got {check.window}")
+            if check.threshold is None:
+                continue
+            need(math.isfinite(check.threshold), f"health.{name}.threshold must be finite (or null), "
+                                                 f"got {check.threshold}")
+            if name in ("kl_ref_ceiling", "approx_kl_ceiling", "mismatch_ceiling"):
+                need(check.threshold > 0, f"health.{name}.threshold must be > 0 (or null: off), got {check.threshold}")
+            if name == "truncated_ceiling":
+                need(0 <= check.threshold < 1, f"health.truncated_ceiling.threshold is a fraction of responses: it "
+                                               f"must be in [0, 1) (or null: off), got {check.threshold}")
+            if name == "entropy_floor":
+                need(check.threshold > 0, f"health.entropy_floor.threshold must be > 0 (or null: off), "
+                                          f"got {check.threshold}")
+        need(h.max_rollbacks >= 0, f"health.max_rollbacks must be >= 0, got {h.max_rollbacks}")
+        rolling = [f"health.{n}" for n, c in checks.items() if c.threshold is not None and c.action == "rollback"]
+        rolling += ["health.nonfinite"] if h.nonfinite == "rollback" else []
+        need(not rolling or self.checkpoint.every_n_steps > 0,
+             f"{', '.join(rolling)}: action rollback goes back to a checkpoint: set checkpoint.every_n_steps > 0")
 
     def _validate_length_penalty(self, need) -> None:
         lp = self.rewards.length_penalty

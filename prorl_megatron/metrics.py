@@ -82,16 +82,13 @@ class MetricsWriter:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+        self._keep_until(resume_step)
         self._file = self.path.open("a")
+        self._tb_dir = str(Path(log_dir) / "tensorboard")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(log_dir) / "tensorboard"), purge_step=resume_step + 1)
+            self._tb = SummaryWriter(self._tb_dir, purge_step=resume_step + 1)
         if wandb:
             import wandb as wandb_module
 
@@ -113,6 +110,28 @@ class MetricsWriter:
 
     def event(self, step: int, kind: str, **info: Any) -> None:
         self.write(step, {"event": kind, **info})
+
+    def discard_after(self, step: int) -> None:
+        """Drop the records of the steps after ``step`` (a rollback discarded them), from the
+        JSONL file and TensorBoard. W&B's step axis only moves forward: it leaves out the redone
+        steps up to the last one it was sent (as after a resume)."""
+        if not self.enabled:
+            return
+        self._file.close()
+        self._keep_until(step)
+        self._file = self.path.open("a")
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(self._tb_dir, purge_step=step + 1)
+
+    def _keep_until(self, step: int) -> None:
+        if self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
 
     def close(self) -> None:
         if not self.enabled:
@@ -202,6 +221,12 @@ class Progress:
         self._bar.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}", kl=f"{metrics.get('kl_ref', 0):.4f}",
                               refresh=False)
         self._bar.update(1)
+
+    def rewind(self, step: int) -> None:
+        """Back to ``step`` (after a rollback)."""
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
 
     def write(self, line: str) -> None:
         if self._bar is not None:

@@ -4,12 +4,15 @@
 
 :func:`train_step` is the whole algorithm, top to bottom: rollout -> reward -> dynamic
 sampling -> advantages -> old/reference logprobs -> mini-batch updates -> weight sync ->
-evaluation -> reference reset -> metrics -> checkpoint. Every rank runs the same control flow
-on the same batch (rollouts and rewards are gathered everywhere); the Megatron passes split
+evaluation -> reference reset -> health checks -> metrics -> checkpoint. Every rank runs the
+same control flow on the same batch (rollouts and rewards are gathered everywhere); the Megatron passes split
 the rows over data-parallel ranks, and only the last pipeline stage sees logprobs.
 SIGUSR1/SIGTERM (Slurm's warning signal) are read after each rollout round (the step is then
 abandoned, the previous one checkpointed, and the step redone after the resume) and at the end
 of the step (checkpointed); the process then exits with status 3.
+The recipe's ``health:`` checks (prorl_megatron/health.py) watch each step's metrics: an alarm
+warns, resets the reference, stops (the step checkpointed, exit status 4, not requeued) or rolls
+back to the newest checkpoint before its first bad step and redoes the steps with other seeds.
 """
 
 from __future__ import annotations
@@ -29,29 +32,31 @@ import torch
 import torch.distributed as dist
 
 from prorl_megatron.algo import (
-    ResetScheduler, compute_advantages, correction_weights, keep_informative_groups, kl_penalty, logprob_mismatch,
-    policy_kl_loss, scheduled_cosine_length_rewards,
+    ResetEvent, ResetScheduler, compute_advantages, correction_weights, keep_informative_groups, kl_penalty,
+    logprob_mismatch, policy_kl_loss, scheduled_cosine_length_rewards,
 )
 from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir, load_model
 from prorl_megatron.checkpoint.hf_io import CheckpointError, HFReader
 from prorl_megatron.checkpoint.train_state import (
-    find_checkpoint, load_checkpoint, restore_rng, rng_states, save_checkpoint,
+    checkpoint_before, find_checkpoint, load_checkpoint, restore_rng, rewind_checkpoints, rng_states, save_checkpoint,
 )
 from prorl_megatron.checkpoint.transfer import load_hf_weights
-from prorl_megatron.collect import any_rank
+from prorl_megatron.collect import any_rank, gather_lists
 from prorl_megatron.config import ConfigError, Recipe, add_recipe_arguments, recipe_from_args, to_dict
 from prorl_megatron.data.chat import EncodedPrompt, encode
 from prorl_megatron.data.dataset import DataError, PromptMixture, load_rows
 from prorl_megatron.eval import evaluate, score_rollouts
+from prorl_megatron.health import CHECKS, Alarm, HealthWatcher
 from prorl_megatron.metrics import MetricsWriter, PhaseTimer, Progress, TokenSums, check_trackers
 from prorl_megatron.models.architectures import ModelDims, model_dims, read_hf_config
 from prorl_megatron.models.forward import MicroBatch, packing_unavailable_reason, run_microbatches
-from prorl_megatron.models.gpt import transformer_config
+from prorl_megatron.models.gpt import transformer_config, transformer_engine_available
 from prorl_megatron.models.policy import (
     build_optimizer, build_policy, build_reference, copy_weights, finalize_grads, optimizer_state_is_empty,
     loss_scale, optimizer_step, reset_optimizer_state, still_calibrating, zero_grads,
 )
-from prorl_megatron.parallel import Layout, init_parallel
+from prorl_megatron.parallel import Layout, init_parallel, read_launch_env
+from prorl_megatron.plan import check_fits, device_memory_bytes
 from prorl_megatron.rewards.pool import RewardPool, pool_settings
 from prorl_megatron.rollout.batch import (
     MiniBatch, Sample, TrainBatch, make_batch, micro_batches, response_values, training_plan,
@@ -74,7 +79,20 @@ class StepAbandoned(Exception):
     """A stop signal arrived during the step's rollout, before anything of the step was applied."""
 
 
+class HealthStopped(Exception):
+    """A health check with action ``stop`` fired; the step was checkpointed."""
+
+
+class RollBack(Exception):
+    """Health alarms with action ``rollback`` after step ``step``: go back to checkpoint ``path``."""
+
+    def __init__(self, step: int, path: Path, alarms: list[Alarm]) -> None:
+        super().__init__(step, path)
+        self.step, self.path, self.alarms = step, path, alarms
+
+
 EXIT_STOPPED = 3  # exit status after a signal-triggered checkpoint: not finished, resume me
+EXIT_UNHEALTHY = 4  # exit status after a health check's stop (checkpointed): look before resuming
 STOPPED_FILE = "stopped"  # in checkpoint.dir after a signal-triggered checkpoint; removed on start
 
 
@@ -102,7 +120,8 @@ class Run:
     progress: Progress
     step: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {"skipped_updates": 0, "nonfinite_in_row": 0,
-                                                               "too_long_prompts": 0, "resets": 0})
+                                                               "too_long_prompts": 0, "resets": 0, "rollbacks": 0})
+    health: Optional[HealthWatcher] = None
     last_val_reward: Optional[float] = None
     packed: bool = False  # train.sequence_packing, where the attention kernels take packed sequences
     stop_signal: list[int] = field(default_factory=list)
@@ -180,20 +199,26 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         reset_reference(run, step, event)
         metrics["reset"] = 1
 
-    # 10. checkpoint, then 11. the step's metrics record (a logged checkpoint step is on disk)
+    # 10. health checks on the complete metrics: warn, reset; a rollback leaves here, a stop after 11
     metrics["lr"] = cfg.train.lr
     scale = loss_scale(run.optimizer)
     if scale is not None:
         metrics["loss_scale"] = scale
     metrics.update(run.counters)
+    halt = act_on_alarms(run, step, metrics)
+
+    # 11. checkpoint, then 12. the step's metrics record (a logged checkpoint step is on disk)
     stopping = signal_received(run)
-    if should_checkpoint(cfg, step) or stopping:
+    if should_checkpoint(cfg, step) or stopping or halt:
         with timer("checkpoint"):
             save(run, step)
     metrics.update(timer.metrics())
     metrics["time/step"] = time.perf_counter() - start
     metrics["tokens_per_s"] = metrics.get("tokens", 0) / metrics["time/step"]
     run.writer.write(step, metrics)
+    if halt:
+        raise HealthStopped(f"health check {halt.check}: {halt.message}; checkpointed step {step} in "
+                            f"{cfg.checkpoint.dir}. Look at the run before resuming (checkpoint.resume=auto)")
     if stopping:
         stop(run, step)
     return metrics
@@ -216,8 +241,10 @@ def collect_samples(run: Run, step: int, timer: PhaseTimer) -> tuple[list[Sample
         prompts = draw_prompts(run, count)
         drawn += count
         with timer("rollout"):  # the engine is awake with the policy's weights since the last sync
-            seed = rollout_base_seed(cfg.seed, step, rounds - 1, rounds_per_step=cfg.algo.max_sampling_rounds,
-                                     prompts_per_round=target, n=cfg.rollout.n)  # one stream per sample
+            # after a rollback the redone steps sample with another key (hashed from seed + count)
+            seed = rollout_base_seed(cfg.seed + run.counters["rollbacks"], step, rounds - 1,
+                                     rounds_per_step=cfg.algo.max_sampling_rounds, prompts_per_round=target,
+                                     n=cfg.rollout.n)  # one stream per sample
             rollouts = run.engine.generate_global([p.ids for p in prompts], seed=seed)
         with timer("reward"):
             rewards = score_rollouts(run.pool, prompts, rollouts)
@@ -455,6 +482,71 @@ def reset_reference(run: Run, step: int, event: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Health checks
+# --------------------------------------------------------------------------------------
+
+
+def act_on_alarms(run: Run, step: int, metrics: dict[str, Any]) -> Optional[Alarm]:
+    """The health checks on step ``step``'s complete metrics (the same on every rank, so every
+    rank decides the same). Each alarm is an event and a warning; ``reset`` resets the reference
+    now; ``rollback`` raises :class:`RollBack` (with nothing to go back to, it stops instead; a
+    ``stop`` alarm of the same step wins); returns the alarm that stops the run after the step's
+    checkpoint, if any."""
+    alarms = run.health.observe(step, metrics)
+    if not alarms:
+        return None
+    halt = next((a for a in alarms if a.action == "stop"), None)
+    back = [a for a in alarms if a.action == "rollback"]
+    if back and halt is None:
+        path, why = rollback_target(run, min(a.since for a in back))
+        if path is not None:
+            raise RollBack(step, path, alarms)  # the step's events go with the discarded steps
+        halt = Alarm(step, back[0].check, "stop", f"{back[0].message} (no rollback: {why})", back[0].since)
+        alarms = [halt if a is back[0] else a for a in alarms]
+    for a in alarms:
+        metrics[f"health/{a.check}"] = 1
+        run.writer.event(step, "health", **a.to_dict())
+        log.warning("step %d: health check %s -> %s: %s", step, a.check, a.action, a.message)
+    resets = [a for a in alarms if a.action == "reset"]
+    if resets and "reset" not in metrics:  # not twice when the scheduler reset this step
+        reason = "; ".join(f"health check {a.check}: {a.message}" for a in resets)
+        reset_reference(run, step, ResetEvent(step, reason, ("health",)))
+        metrics.update({"reset": 1, "resets": run.counters["resets"]})
+    return halt
+
+
+def rollback_target(run: Run, since: int) -> tuple[Optional[Path], str]:
+    """The newest checkpoint before step ``since`` (collective: rank 0's listing for every
+    rank), or None and why not."""
+    limit = run.recipe.health.max_rollbacks
+    if run.counters["rollbacks"] >= limit:
+        return None, f"health.max_rollbacks={limit} rollbacks done"
+    root = run.recipe.checkpoint.dir
+    path = gather_lists([checkpoint_before(root, since) if dist.get_rank() == 0 else None])[0][0]
+    return path, f"no checkpoint before step {since} in {root}"
+
+
+def roll_back(run: Run, back: RollBack) -> None:
+    """Go back to checkpoint ``back.path`` in process, as a resume would; the checkpoints and
+    metric records of the later steps are discarded (a ``rollback`` event lists them) and the
+    steps are redone with other sampling seeds (the rollback count, in the loop state, shifts them)."""
+    cfg = run.recipe
+    count = run.counters["rollbacks"] + 1
+    rewind_checkpoints(cfg.checkpoint.dir, back.path)
+    reset_optimizer_state(run.optimizer)  # loaded into an empty optimizer, as at start-up
+    restore(run, back.path)
+    run.counters["rollbacks"] = count
+    sync_weights(run.policy, run.dims, run.engine, cfg.precision.params_dtype, cfg.rollout.sync_bucket_mib << 20)
+    discarded = list(range(run.step + 1, back.step + 1))
+    run.writer.discard_after(run.step)  # the event is the checkpoint step's: a later rollback to it keeps it
+    run.writer.event(run.step, "rollback", alarm_step=back.step, discarded=discarded, rollbacks=count,
+                     alarms=[a.to_dict() for a in back.alarms])
+    run.progress.rewind(run.step)
+    log.warning("step %d: health rollback %d to the checkpoint of step %d (steps %s discarded): %s", back.step,
+                count, run.step, discarded, "; ".join(f"{a.check}: {a.message}" for a in back.alarms))
+
+
+# --------------------------------------------------------------------------------------
 # Checkpoints and signals
 # --------------------------------------------------------------------------------------
 
@@ -466,7 +558,8 @@ def should_checkpoint(cfg: Recipe, step: int) -> bool:
 
 def loop_state(run: Run) -> dict[str, Any]:
     return copy.deepcopy({"scheduler": run.scheduler.state_dict(), "data": run.mixture.state_dict(),
-                          "counters": dict(run.counters), "last_val_reward": run.last_val_reward})
+                          "counters": dict(run.counters), "last_val_reward": run.last_val_reward,
+                          "health": run.health.state_dict()})
 
 
 def load_loop_state(run: Run, state: dict[str, Any]) -> None:
@@ -474,6 +567,8 @@ def load_loop_state(run: Run, state: dict[str, Any]) -> None:
     run.mixture.load_state_dict(state["data"])
     run.counters.update(state["counters"])
     run.last_val_reward = state["last_val_reward"]
+    if "health" in state:  # checkpoints from before the health checks start with empty streaks
+        run.health.load_state_dict(state["health"])
 
 
 def stop(run: Run, step: int) -> None:
@@ -510,10 +605,15 @@ def resume(run: Run) -> None:
     path = find_checkpoint(run.recipe.checkpoint.dir, run.recipe.checkpoint.resume)
     if path is None:
         return
+    restore(run, path)
+    log.info("resumed from %s (step %d)", path, run.step)
+
+
+def restore(run: Run, path: Path) -> None:
+    """Load checkpoint ``path``: models, optimizer, RNG states, loop state, step."""
     meta = load_checkpoint(path, run.policy, run.reference, run.optimizer)
     load_loop_state(run, meta["loop"])
     run.step = run.saved_step = int(meta["step"])
-    log.info("resumed from %s (step %d)", path, run.step)
 
 
 def install_signal_handlers(run: Run) -> None:
@@ -567,6 +667,11 @@ def check_recipe(recipe: Recipe) -> tuple[Path, ModelDims, Any, Any]:
         raise ConfigError("eval.every_n_steps > 0 needs data.val_files")
     check_trackers(recipe.logging.tensorboard, recipe.logging.wandb)
     find_checkpoint(recipe.checkpoint.dir, recipe.checkpoint.resume)  # a bad resume target fails here
+    device_bytes, on_gpu = device_memory_bytes()  # this GPU, or this host's RAM over its processes
+    memory = check_fits(recipe, dims, read_launch_env().world_size, device_bytes, te=transformer_engine_available(),
+                        on_gpu=on_gpu)  # ConfigError with the table and the knobs to turn
+    log.info("memory plan: %s", memory.verdict())
+    log.debug("memory plan:\n%s", memory.table())
     return hf_dir, dims, train_rows, val_rows
 
 
@@ -592,8 +697,9 @@ def packing_decision(recipe: Recipe, policy: Any) -> bool:
     if not recipe.train.sequence_packing:
         return False
     reason = packing_unavailable_reason(policy)
-    if reason is None:
+    if not any_rank(reason is not None):  # every rank must plan alike (TE importable on some nodes only?)
         return True
+    reason = reason or "another rank's attention cannot take packed sequences"
     log.warning("train.sequence_packing is off here: %s; micro-batches are padded rows under the token budget "
                 "instead", reason)
     return False
@@ -630,7 +736,8 @@ def setup(recipe: Recipe) -> Run:
               mixture=PromptMixture(train_rows, recipe.data.domain_weights or None, recipe.data.shuffle_seed),
               encode=encode_row, val_prompts=val_prompts, scheduler=scheduler,
               writer=MetricsWriter(recipe.logging.dir, enabled=False), progress=Progress(0, 0, enabled=False),
-              packed=packing_decision(recipe, policy))
+              packed=packing_decision(recipe, policy),
+              health=HealthWatcher(recipe.health.nonfinite, **{c: getattr(recipe.health, c) for c in CHECKS}))
     resume(run)
     if rank0:
         (Path(recipe.checkpoint.dir) / STOPPED_FILE).unlink(missing_ok=True)
@@ -681,6 +788,9 @@ def train(recipe: Recipe) -> Run:
             except StepAbandoned:
                 run.step -= 1
                 stop_before(run, run.step + 1, start)
+            except RollBack as back:  # a health alarm: redo the steps since the checkpoint before it
+                roll_back(run, back)
+                continue
             run.progress.update(metrics)
             if cfg.logging.console_every and run.step % cfg.logging.console_every == 0:
                 run.progress.write(console_line(run.step, metrics))
@@ -697,10 +807,16 @@ def console_line(step: int, m: dict[str, Any]) -> str:
              f"len {m.get('response_length/mean', 0):.1f}", f"{m.get('time/step', 0):.1f}s"]
     if "val/pass@1" in m:
         parts.append(f"val pass@1 {m['val/pass@1']:.3f}")
+    alarms = [k.split("/", 1)[1] for k in m if k.startswith("health/")]
+    if alarms:
+        parts.append(f"ALARM {','.join(alarms)}")
     return " | ".join(parts)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Train; the exit status: 0 finished, 2 a recipe/data/checkpoint error or an unrecoverable
+    run (the message says which), 3 stopped by a signal (checkpointed; the job script requeues),
+    4 stopped by a health check (checkpointed; not requeued: look at the run before resuming)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(parser)
     args = parser.parse_args(argv)
@@ -717,6 +833,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except StopRequested as e:
         print(str(e), file=sys.stderr, flush=True)
         return EXIT_STOPPED
+    except HealthStopped as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return EXIT_UNHEALTHY
     except (ConfigError, CheckpointError, DataError, TrainingStopped) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

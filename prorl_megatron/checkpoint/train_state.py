@@ -137,6 +137,9 @@ def _load_distributed(opt: Any, state: dict[str, Any]) -> None:
     if state.pop("param_state_sharding_type") != DIST_OPT_LAYOUT["distrib_optim_sharding_type"]:
         raise CheckpointError("the distributed optimizer's state is not in the fully_reshardable layout")
     opt.load_state_dict(state)  # param groups (step counts), loss scaler
+    for group in opt.optimizer.param_groups:  # saved from torch's Adam (CPU) as a float; apex's and
+        if "step" in group and not torch.is_tensor(group["step"]):  # TE's FusedAdam pass it to an int
+            group["step"] = int(group["step"])  # argument of their CUDA kernel
     steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
     opt.load_parameter_state_from_fully_reshardable(param_state)
     for p, step in steps.items():
@@ -250,3 +253,26 @@ def load_checkpoint(path: str | Path, policy: Any, reference: Any, optimizer: An
         log.warning("%s: saved by a world of %s processes, this one has %d: RNG states not restored",
                     path, meta.get("world_size"), dist.get_world_size())
     return meta
+
+
+def checkpoint_before(root: str | Path, step: int) -> Optional[Path]:
+    """The newest complete checkpoint under ``root`` of a step before ``step`` (None: none)."""
+    root = Path(root)
+    found = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and int(p.name[5:]) < step) \
+        if root.is_dir() else []
+    return found[-1] if found else None
+
+
+def rewind_checkpoints(root: str | Path, path: str | Path) -> None:
+    """Make checkpoint ``path`` the newest under ``root`` (collective; rank 0 writes): ``latest``
+    names it, then the checkpoints of later steps are removed (a rollback discarded those steps;
+    a resume must not find them)."""
+    root, name = Path(root), Path(path).name
+    if dist.get_rank() == 0:
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(name + "\n")
+        os.replace(pointer, root / LATEST)
+        for later in root.iterdir():
+            if _STEP_DIR.match(later.name) and later.name > name:
+                shutil.rmtree(later, ignore_errors=True)
+    dist.barrier()

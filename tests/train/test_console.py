@@ -22,10 +22,12 @@ def test_console_shows_our_lines_and_train_log_the_rest(tiny_base, tmp_path):
         assert not [line for line in lines if word in line], (word, console[-4000:])
     assert re.search(r"^step 1 \| reward", console, re.M) and re.search(r"^step 2 \| reward", console, re.M)
     first = next(i for i, line in enumerate(lines) if line.startswith(("ProRL:", "step 1 |")))
-    assert first <= 4, lines[:first]  # set-up lines only before the bar
+    assert first <= 5, lines[:first]  # set-up lines only before the bar
+    assert re.search(r"memory plan: fits: peak .* GiB", console), console[-4000:]  # checked before building
 
     log = (tmp_path / "logs" / "train.log").read_text()
     assert "rank0 INFO" in log and "rank1 INFO" in log
+    assert "memory plan:\nMemory plan for tiny-cpu" in log  # the whole table, in the run's log
     assert log.count("Apex is not installed") >= 2, log[:3000]  # megatron's notice, from every rank
     assert re.search(r"rank1 (INFO|WARNING) vllm\.", log)  # vLLM's records, with the rank
 

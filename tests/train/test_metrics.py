@@ -56,3 +56,17 @@ def test_stop_signal_lead_covers_the_longest_uninterruptible_span():
     assert stop_signal_lead_s([{"step": 2, **step}, {"step": 3, **eval_step}]) == 60 * 26  # 1.5 x 1030 = 1545
     assert stop_signal_lead_s([{"step": 1, "time/step": 2.0, "time/rollout": 1.0}]) == 300  # the floor
     assert stop_signal_lead_s([]) == 300
+
+
+def test_a_rollback_discards_the_later_steps_records(tmp_path):
+    w = MetricsWriter(tmp_path, enabled=True)
+    for step in (1, 2, 3, 4):
+        w.write(step, {"reward/mean": step / 10})
+    w.event(3, "health", check="kl_ref_ceiling")
+    w.discard_after(2)  # a rollback to the checkpoint of step 2
+    w.event(2, "rollback", discarded=[3, 4])
+    w.write(3, {"reward/mean": 0.33})
+    w.close()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r.get("event")) for r in records] == [(1, None), (2, None), (2, "rollback"), (3, None)]
+    assert records[-1]["reward/mean"] == 0.33

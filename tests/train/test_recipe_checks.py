@@ -42,3 +42,13 @@ def test_unknown_recipe_key_is_named():
 def test_rollout_correction_without_its_band_is_named():
     out = train("rollout.correction=icepop")
     assert out.returncode == 2 and "rollout.correction=icepop needs its band" in out.stderr
+
+
+def test_a_recipe_that_cannot_fit_is_refused_with_the_plan(tiny_base, tmp_path):
+    """The memory plan runs before anything is built (here: host RAM over the processes)."""
+    out = train(f"model.hf_path={tiny_base}", "train.max_tokens_per_micro_batch=400000000", "parallel.tensor=1",
+                "rollout.engine_tensor_parallel=1",
+                f"checkpoint.dir={tmp_path}/c", logs=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "does not fit" in out.stderr and "train.max_tokens_per_micro_batch" in out.stderr
+    assert "Setting up optimizer" not in (tmp_path / "train.log").read_text()  # nothing was built

@@ -1,0 +1,71 @@
+"""Health checks in real runs (tiny demo model, TP2 on CPU): warn, stop (exit status 4), rollback."""
+
+import json
+import re
+
+import pytest
+
+from prorl_megatron.metrics import read_jsonl
+from tests.train.conftest import run, train_command
+
+pytestmark = pytest.mark.slow
+
+
+def records(run_dir):
+    return read_jsonl(run_dir / "logs" / "metrics.jsonl")
+
+
+def test_warn_continues_and_a_resumed_entropy_streak_stops_the_run(tiny_base, tmp_path):
+    """The entropy floor is planted above the real entropy (~0.7): collapse after 3 steps. Run
+    to step 2 (a KL warning on the way), resume: the streak goes on and stops the run at step 3."""
+    checks = ["health.entropy_floor.threshold=100", "health.entropy_floor.window=3", "health.entropy_floor.action=stop",
+              "health.kl_ref_ceiling.threshold=1e-9", "health.nonfinite=stop", "checkpoint.every_n_steps=0"]
+    done = run(train_command(tmp_path, tiny_base, "train.steps=2", *checks))
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-6000:]
+    # kl_ref is 0 at step 1 (reference = policy), above the ceiling at step 2: warned, and the run went on
+    events = [(r["step"], r["check"], r["action"]) for r in records(tmp_path) if r.get("event") == "health"]
+    assert events == [(2, "kl_ref_ceiling", "warn")]
+    assert re.search(r"^step 2 \| reward .* \| ALARM kl_ref_ceiling$", text, re.M), text[-3000:]
+    assert "health check kl_ref_ceiling -> warn: kl_ref " in text
+    meta = json.loads((tmp_path / "ckpt" / "step_00000002" / "prorl_meta.json").read_text())
+    assert meta["loop"]["health"]["streaks"]["entropy_floor"] == [2, 1]  # two low-entropy steps, since step 1
+
+    done = run(train_command(tmp_path, tiny_base, "train.steps=4", *checks))
+    text = done.stdout + done.stderr
+    assert done.returncode != 0 and re.search(r"exitcode\s*:\s*4\b", text), text[-6000:]  # torchrun: the workers' 4
+    assert re.search(r"health check entropy_floor: entropy \S+ < 100 for 3 consecutive steps \(since step 1\); "
+                     r"checkpointed step 3 in \S+/ckpt", done.stderr), done.stderr[-3000:]
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest").read_text().strip() == "step_00000003"
+    assert not (ckpt / "stopped").exists()  # not the signal stop: the job script does not requeue
+    m = records(tmp_path)
+    assert [r["step"] for r in m if "event" not in r] == [1, 2, 3]
+    stop = [r for r in m if r.get("event") == "health" and r["check"] == "entropy_floor"]
+    assert [(r["step"], r["action"], r["since"]) for r in stop] == [(3, "stop", 1)]
+
+
+def test_rollback_redoes_the_bad_step_with_other_seeds(tiny_base, tmp_path):
+    """kl_ref is 0, 0.05, 0.23 at steps 1-3 of this run: a ceiling of 0.15 fires at step 3; the
+    run goes back to step 2's checkpoint, and step 3 sampled with other seeds stays below it."""
+    done = run(train_command(tmp_path, tiny_base, "train.steps=4", "checkpoint.every_n_steps=1",
+                             "health.kl_ref_ceiling.threshold=0.15", "health.kl_ref_ceiling.action=rollback",
+                             "health.max_rollbacks=1"))
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-6000:]
+    assert "health rollback 1 to the checkpoint of step 2 (steps [3] discarded): kl_ref_ceiling: kl_ref" in text
+    m = records(tmp_path)
+    steps = [r for r in m if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # the discarded step 3 is not in the file twice
+    assert [r["rollbacks"] for r in steps] == [0, 0, 1, 1]
+    assert all(r["kl_ref"] <= 0.15 for r in steps)
+    (back,) = [r for r in m if r.get("event") == "rollback"]
+    assert (back["step"], back["alarm_step"], back["discarded"], back["rollbacks"]) == (2, 3, [3], 1)
+    (alarm,) = back["alarms"]
+    assert (alarm["check"], alarm["action"], alarm["since"]) == ("kl_ref_ceiling", "rollback", 3)
+    assert float(alarm["message"].split()[1]) > 0.15
+    assert not [r for r in m if r.get("event") == "health"]  # the alarm's step was discarded with its events
+    ckpt = tmp_path / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+    meta = json.loads((ckpt / "step_00000004" / "prorl_meta.json").read_text())
+    assert meta["loop"]["counters"]["rollbacks"] == 1
