@@ -11,9 +11,14 @@ does the copy. Triggers (any combination, each optional):
 - plateau: the validation reward (``metrics["val_reward"]``, present on evaluation steps)
   not above the best so far by more than ``plateau_delta`` for ``plateau_window``
   consecutive evaluations;
+- entropy floor: the policy's mean token entropy (``metrics["entropy"]``) below
+  ``entropy_floor`` for ``entropy_window`` consecutive steps (a step without it, e.g. no
+  update, breaks the streak) — the sign of a collapsing policy;
 
 and ``min_gap_steps`` holds every trigger back until that many steps have passed since the
 previous reset (a held-back trigger stays armed and fires as soon as the gap allows).
+The same triggers decide when a staged run enters its next stage (``prorl_megatron/stages.py``),
+counting from ``start_step``, the step the current stage was entered.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ class ResetEvent:
 
     step: int
     reason: str
-    triggers: tuple[str, ...]  # subset of ("periodic", "kl", "plateau")
+    triggers: tuple[str, ...]  # subset of ("periodic", "kl", "plateau", "entropy")
 
 
-_STATE_KEYS = ("last_step", "last_reset_step", "kl_streak", "best_val", "stale_evals", "num_resets")
+_STATE_KEYS = ("last_step", "last_reset_step", "kl_streak", "best_val", "stale_evals", "num_resets",
+               "entropy_streak")
+_OPTIONAL_KEYS = {"entropy_streak": 0}  # absent from the state of checkpoints older than the trigger
 
 
 class ResetScheduler:
@@ -51,6 +58,10 @@ class ResetScheduler:
         min_gap_steps: int = 0,
         kl_key: str = "kl",
         val_key: str = "val_reward",
+        entropy_floor: Optional[float] = None,
+        entropy_window: int = 1,
+        entropy_key: str = "entropy",
+        start_step: int = 0,
     ) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps: expected >= 1 or None, got {every_n_steps}")
@@ -60,6 +71,8 @@ class ResetScheduler:
             raise ValueError(f"kl_window: expected >= 1, got {kl_window}")
         if plateau_window is not None and plateau_window < 1:
             raise ValueError(f"plateau_window: expected >= 1 or None, got {plateau_window}")
+        if entropy_window < 1:
+            raise ValueError(f"entropy_window: expected >= 1, got {entropy_window}")
         if min_gap_steps < 0:
             raise ValueError(f"min_gap_steps: expected >= 0, got {min_gap_steps}")
         self.every_n_steps = every_n_steps
@@ -70,8 +83,12 @@ class ResetScheduler:
         self.min_gap_steps = min_gap_steps
         self.kl_key = kl_key
         self.val_key = val_key
-        self.last_step = 0
-        self.last_reset_step = 0
+        self.entropy_floor = entropy_floor
+        self.entropy_window = entropy_window
+        self.entropy_key = entropy_key
+        self.last_step = start_step
+        self.last_reset_step = start_step
+        self.entropy_streak = 0
         self.kl_streak = 0
         self.best_val: Optional[float] = None
         self.stale_evals = 0
@@ -112,14 +129,29 @@ class ResetScheduler:
                                 f"by > {self.plateau_delta:g} for {self.stale_evals} evaluations")
                 )
 
+        if self.entropy_floor is not None:
+            entropy = float(metrics.get(self.entropy_key, math.nan))
+            self.entropy_streak = self.entropy_streak + 1 if entropy < self.entropy_floor else 0  # NaN breaks it
+            if self.entropy_streak >= self.entropy_window:
+                fired.append(
+                    ("entropy", f"entropy {entropy:.4g} < {self.entropy_floor:g} "
+                                f"for {self.entropy_streak} consecutive steps")
+                )
+
         if not fired or since < self.min_gap_steps:
             return None
-        self.last_reset_step = step
-        self.kl_streak = 0
-        self.stale_evals = 0
+        self.restart(step)
         self.num_resets += 1
         return ResetEvent(step=step, reason="; ".join(text for _, text in fired),
                           triggers=tuple(name for name, _ in fired))
+
+    def restart(self, step: int) -> None:
+        """A reset after ``step`` (decided here, or elsewhere: a stage change resets the reference
+        too): the periodic count, the streaks and the plateau's stale count start again."""
+        self.last_reset_step = step
+        self.kl_streak = 0
+        self.stale_evals = 0
+        self.entropy_streak = 0
 
     def state_dict(self) -> dict[str, Any]:
         """The counters that decide future resets (plain Python values)."""
@@ -127,6 +159,7 @@ class ResetScheduler:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore counters saved by :meth:`state_dict` (trigger settings come from the recipe)."""
+        state = {**_OPTIONAL_KEYS, **state}
         missing = [key for key in _STATE_KEYS if key not in state]
         unexpected = [key for key in state if key not in _STATE_KEYS]
         if missing or unexpected:

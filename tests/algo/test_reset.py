@@ -117,3 +117,28 @@ def test_constructor_errors():
         ResetScheduler(every_n_steps=0)
     with pytest.raises(ValueError, match="kl_window: expected >= 1, got 0"):
         ResetScheduler(kl_window=0)
+
+
+def test_entropy_floor_needs_consecutive_steps_and_a_missing_value_breaks_the_streak():
+    entropies = [0.9, 0.4, 0.3, None, 0.2, 0.1, 0.05, 0.6]
+    metrics = [{} if e is None else {"entropy": e} for e in entropies]
+    events = run(ResetScheduler(entropy_floor=0.5, entropy_window=3), metrics)
+    assert list(events) == [7]
+    assert events[7].triggers == ("entropy",)
+    assert "entropy 0.05 < 0.5 for 3 consecutive steps" in events[7].reason
+
+
+def test_start_step_counts_from_there_and_restart_rearms():
+    sched = ResetScheduler(every_n_steps=3, start_step=10)
+    events = run(sched, [{}] * 5, start=11)
+    assert list(events) == [13] and events[13].reason == "every 3 steps (3 since the last reset)"
+    sched.restart(15)  # a reset decided elsewhere (a stage change)
+    assert list(run(sched, [{}] * 4, start=16)) == [18]
+
+
+def test_state_without_the_entropy_streak_still_loads():
+    sched = ResetScheduler(entropy_floor=1.0)
+    state = sched.state_dict()
+    del state["entropy_streak"]  # a checkpoint written before the trigger existed
+    sched.load_state_dict(state)
+    assert sched.entropy_streak == 0
