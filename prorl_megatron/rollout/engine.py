@@ -10,6 +10,7 @@ and KV cache released for training); sleep mode does not exist on CPU, which is 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import secrets
@@ -228,7 +229,42 @@ class RolloutEngine:
             self.asleep -= set(wanted)
         log.debug("engine wake up %s%s", "+".join(tags), "" if self.sleep_mode else ": no sleep mode, resident")
 
+    def shutdown(self) -> None:
+        """Free the engine in this process, for another one to be built in its place (collective:
+        every rank of the engine calls it). vLLM's own in-process shutdown ends with
+        ``cleanup_dist_env_and_memory()``, which destroys torch.distributed's default process
+        group — the trainer's — so the same steps are taken here without that one: the
+        executor's workers, the scheduler, then vLLM's own groups (TP/PP/DP and its world
+        group: ``new_group`` copies, not the default group). The CPU shared memory needs nothing
+        (its names were unlinked once mapped; the mappings go with the objects), and the next
+        engine takes a fresh shared-memory identifier."""
+        from vllm.distributed import parallel_state
+
+        if self.llm is None:
+            return
+        client = self.llm.llm_engine.engine_core  # InprocClient: the engine core lives in this process
+        client._finalizer.detach()  # collected later, it would run vLLM's shutdown (see above)
+        core = client.engine_core
+        core.structured_output_manager.clear_backend()
+        if core.model_executor:
+            core.model_executor.shutdown()
+        if core.scheduler:
+            core.scheduler.shutdown()
+        parallel_state.destroy_model_parallel()
+        if parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()
+            parallel_state._WORLD = None
+        self.llm = None
+        self.asleep, self.weights_lost = set(), True
+        gc.unfreeze()  # vLLM froze its start-up objects; let the collector see them
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.debug("engine shut down")
+
     def _check_ready(self) -> None:
+        if self.llm is None:
+            raise RuntimeError("the vLLM engine was shut down")
         if self.asleep or self.weights_lost:
             raise RuntimeError("the vLLM engine is asleep or its weights were discarded by a level-2 sleep: "
                                "wake it and sync the policy's weights before generating")
