@@ -10,11 +10,17 @@ and coerced to the field's declared type. Unknown keys are errors that name the 
 came from, and the closest valid names; a value of the wrong type names the field and the
 expected type; cross-field problems (batch sizes that do not divide, a reset with no trigger)
 are caught by :meth:`Recipe.validate` before anything is built.
+
+``stages:`` lists ProRL's training stages (:class:`StageConfig`): each names the dotted keys it
+changes and when the run enters it. Stage ``k``'s recipe is the file's, then the overrides of
+stages 0..k in order, then the command line's (which always win); every stage's recipe is
+resolved and validated at load, its errors naming the stage and the key.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import math
@@ -269,6 +275,54 @@ class LoggingConfig:
 
 
 @dataclass
+class StageTrigger:
+    """When a staged run leaves the previous stage for this one: the first trigger that fires
+    (any combination; ``prorl_megatron/algo/reset.py``'s triggers, counted from the step the
+    previous stage was entered). Entering a stage also resets the reference and the optimizer."""
+
+    after_steps: Optional[int] = None  # steps spent in the previous stage
+    kl_threshold: Optional[float] = None  # mean KL to the reference above this ...
+    kl_window: int = 1  # ... for this many consecutive steps
+    plateau_window: Optional[int] = None  # validation reward not improved for W evaluations ...
+    plateau_delta: float = 0.0  # ... by more than this
+    entropy_floor: Optional[float] = None  # mean token entropy below this ...
+    entropy_window: int = 1  # ... for this many consecutive steps
+    min_steps: int = 0  # no trigger fires before this many steps in the previous stage
+
+
+@dataclass
+class StageConfig:
+    """One ProRL stage: a name, the recipe keys it changes, and when the run enters it (the
+    first stage has no trigger: a run starts there)."""
+
+    name: str = ""
+    # dotted recipe keys -> values (rollout.max_response_tokens: 16384), typed like command-line
+    # overrides; they stay in force in later stages unless one changes them again
+    overrides: dict[str, Any] = field(default_factory=dict)
+    enter: Optional[StageTrigger] = None
+
+
+# The keys a stage may change: what the loop reads afresh every step, or what entering a stage
+# applies (prorl_megatron/stages.py: lr into the optimizer, sampling into the engine, which is
+# rebuilt when rollout.max_prompt_tokens + max_response_tokens changes, weights into the data
+# mixture, reset.* into the reset scheduler). The rest is fixed for a run (models, layout,
+# data files, verifier pool, paths, run length).
+STAGE_KEYS = (
+    "rollout.n", "rollout.temperature", "rollout.max_prompt_tokens", "rollout.max_response_tokens", "rollout.stop",
+    "rollout.truncated", "rollout.tis_cap", "rollout.correction", "rollout.correction_low",
+    "rollout.correction_high", "rollout.check_sync_every", "rollout.sync_bucket_mib",
+    "algo.", "train.lr", "train.prompts_per_step", "train.mini_batch_prompts", "train.micro_batch_size",
+    "train.max_tokens_per_micro_batch", "train.logprob_chunk_tokens", "train.max_nonfinite_in_row",
+    "reset.", "data.domain_weights", "rewards.length_penalty.", "eval.", "checkpoint.every_n_steps",
+    "checkpoint.keep_last", "logging.console_every",
+)
+
+
+def stage_key_allowed(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) or key.startswith(k + ".") for k in STAGE_KEYS)
+
+
+@dataclass
 class Recipe:
     """A whole ProRL run."""
 
@@ -287,6 +341,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, the recipe as is
 
     def validate(self, source: str = "recipe") -> "Recipe":
         """Check constraints between fields; raise :class:`ConfigError` naming the fields."""
@@ -490,6 +545,8 @@ class Recipe:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return "any value"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -518,6 +575,8 @@ def _unknown_key(source: str, prefix: str, key: str, valid: list[str]) -> Config
 def _coerce(value: Any, tp: Any, source: str, dotted: str) -> Any:
     """Return ``value`` converted to type ``tp``, or raise ConfigError naming source and key."""
     origin = typing.get_origin(tp)
+    if tp is Any:  # a stage's override values: typed against their own keys (resolve_stages)
+        return value
 
     def wrong() -> ConfigError:
         return ConfigError(
@@ -533,6 +592,8 @@ def _coerce(value: Any, tp: Any, source: str, dotted: str) -> Any:
         for arg in args:
             if arg is type(None):
                 continue
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):  # a section: its own error
+                return _coerce(value, arg, source, dotted)
             try:
                 return _coerce(value, arg, source, dotted)
             except ConfigError:
@@ -643,9 +704,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def _set_dotted(data: dict, parts: list[str], value: Any, text: str) -> None:
+def _set_dotted(data: dict, parts: list[str], value: Any, source: str) -> None:
     """Set ``data[p0][p1]... = value``, checking every key against the recipe's schema."""
-    source = f"command line ({text})"
     tp: Any = Recipe
     node = data
     for depth, part in enumerate(parts):
@@ -663,6 +723,8 @@ def _set_dotted(data: dict, parts: list[str], value: Any, text: str) -> None:
             node[part] = _coerce(value, hints[part], source, ".".join(parts))
             if dataclasses.is_dataclass(node[part]):
                 node[part] = dataclasses.asdict(node[part])
+            elif isinstance(node[part], list):  # e.g. stages=[{name: a}, ...]
+                node[part] = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in node[part]]
             return
         child = node.get(part)
         if not isinstance(child, dict):
@@ -690,10 +752,131 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     merged = to_dict(recipe)
     for text in overrides:
         parts, value = _parse_override(text)
-        _set_dotted(merged, parts, value, text)
+        _set_dotted(merged, parts, value, f"command line ({text})")
     if overrides:
         recipe = from_dict(merged, source="command line")
-    return recipe.validate(source=f"{path}" + (" + command line" if overrides else ""))
+    source = f"{path}" + (" + command line" if overrides else "")
+    if recipe.stages:
+        return resolve_stages(recipe, overrides, source)[0]
+    return recipe.validate(source=source)
+
+
+# --------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------
+
+
+def _stage_where(recipe: Recipe, index: int) -> str:
+    return f"stage {index} {recipe.stages[index].name!r} (stages[{index}])"
+
+
+def _check_stages(recipe: Recipe, source: str) -> None:
+    """The stage list's own shape: names, triggers, keys a stage may change, typed values."""
+    names = [s.name for s in recipe.stages]
+    for i, stage in enumerate(recipe.stages):
+        where = f"{source}: {_stage_where(recipe, i)}"
+        if not stage.name:
+            raise ConfigError(f"{where}: every stage needs a name")
+        if stage.name in names[:i]:
+            raise ConfigError(f"{where}: stage names must be unique")
+        if i == 0 and stage.enter is not None:
+            raise ConfigError(f"{where}: the first stage has no trigger (a run starts there); remove its 'enter'")
+        if i > 0:
+            t = stage.enter
+            if t is None or all(v is None for v in (t.after_steps, t.kl_threshold, t.plateau_window, t.entropy_floor)):
+                raise ConfigError(f"{where}: needs a trigger: enter.after_steps, enter.kl_threshold, "
+                                  "enter.plateau_window or enter.entropy_floor")
+            for key, value, low in (("after_steps", t.after_steps, 1), ("plateau_window", t.plateau_window, 1),
+                                    ("kl_window", t.kl_window, 1), ("entropy_window", t.entropy_window, 1),
+                                    ("min_steps", t.min_steps, 0)):
+                if value is not None and value < low:
+                    raise ConfigError(f"{where}: enter.{key} must be >= {low}, got {value}")
+            if t.kl_threshold is not None and not t.kl_threshold > 0:
+                raise ConfigError(f"{where}: enter.kl_threshold must be > 0, got {t.kl_threshold}")
+        for key in stage.overrides:
+            if not stage_key_allowed(str(key)):
+                _set_dotted(to_dict(recipe), str(key).split("."), stage.overrides[key], f"{where} overrides")  # typos
+                raise ConfigError(f"{where} overrides: {key}: fixed for the run, a stage cannot change it; a stage "
+                                  f"may change {', '.join(STAGE_KEYS)} (a trailing '.': the whole section)")
+
+
+def _apply_items(recipe: Recipe, items: list[tuple[str, Any, str]], source: str) -> Recipe:
+    """``recipe`` with each (dotted key, value, where) set, typed and checked like an override."""
+    data = to_dict(recipe)
+    for key, value, where in items:
+        parts = str(key).split(".")
+        if not all(parts):
+            raise ConfigError(f"{where}: {key!r} has an empty key")
+        _set_dotted(data, parts, value, where)
+    return from_dict(data, source=source)
+
+
+def _command_line_items(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any, str]]:
+    return [(".".join(parts), value, f"command line ({text})")
+            for text, (parts, value) in ((t, _parse_override(t)) for t in overrides)]
+
+
+def stage_recipe(recipe: Recipe, index: int, overrides: list[str] | tuple[str, ...] = (),
+                 start: int = 0, source: str = "") -> Recipe:
+    """The recipe of stage ``index``, from ``recipe``, the recipe of stage ``start`` (as
+    :func:`load_recipe` returns stage 0's): the overrides of stages ``start + 1 .. index``, then
+    the command line's ``overrides`` again (they win over any stage). Not validated."""
+    items = []
+    for i in range(start + 1, index + 1):
+        where = f"{source}: {_stage_where(recipe, i)}" if source else _stage_where(recipe, i)
+        items += [(key, value, f"{where} overrides") for key, value in recipe.stages[i].overrides.items()]
+    return _apply_items(recipe, items + _command_line_items(overrides), _stage_where(recipe, index))
+
+
+def stage_overridden(recipe: Recipe, index: int, overrides: list[str] | tuple[str, ...], first: int = 0) -> list[str]:
+    """One line per command-line override of a key that stages ``first``..``index`` set (the
+    latest of them): the command line wins."""
+    lines = []
+    for key, value, _ in _command_line_items(overrides):
+        for i in range(index, first - 1, -1):
+            stage = recipe.stages[i]
+            hit = [k for k in stage.overrides if k == key or k.startswith(key + ".") or key.startswith(k + ".")]
+            if hit:
+                lines.append(f"command line {key}={value!r} overrides stage {i} {stage.name!r}'s "
+                             + ", ".join(f"{k}={stage.overrides[k]!r}" for k in hit))
+                break
+    return lines
+
+
+def resolve_stages(recipe: Recipe, overrides: list[str] | tuple[str, ...] = (), source: str = "recipe") -> list[Recipe]:
+    """Every stage's recipe (:func:`stage_recipe`), each validated; ``recipe`` is the file's with
+    the command line applied. Stage overrides are coerced in place to their keys' types."""
+    _check_stages(recipe, source)
+    first = _stage_where(recipe, 0)
+    items = [(key, value, f"{source}: {first} overrides") for key, value in recipe.stages[0].overrides.items()]
+    current = _apply_items(recipe, items + _command_line_items(overrides), f"{source}: {first}")
+    out = []
+    for i in range(len(recipe.stages)):
+        if i:
+            current = stage_recipe(current, i, overrides, start=i - 1, source=source)
+            if recipe.stages[i].enter.plateau_window is not None and not current.eval.every_n_steps:
+                raise ConfigError(f"{source}: {_stage_where(recipe, i)}: enter.plateau_window needs validation "
+                                  f"rewards in stage {i - 1}: set eval.every_n_steps > 0")
+        current.validate(source=f"{source}: {_stage_where(recipe, i)}")
+        out.append(current)
+    typed = _typed_overrides(out[0])
+    for r in out:
+        r.stages = copy.deepcopy(typed)
+    return out
+
+
+def _typed_overrides(recipe: Recipe) -> list[StageConfig]:
+    """The stages with each override value coerced to its key's type."""
+    stages = copy.deepcopy(recipe.stages)
+    for i, stage in enumerate(stages):
+        for key, value in stage.overrides.items():
+            data = to_dict(recipe)
+            _set_dotted(data, key.split("."), value, f"{_stage_where(recipe, i)} overrides")
+            node = data
+            for part in key.split("."):
+                node = node[part]
+            stage.overrides[key] = node
+    return stages
 
 
 # --------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@
 
 :func:`train_step` is the whole algorithm, top to bottom: rollout -> reward -> dynamic
 sampling -> advantages -> old/reference logprobs -> mini-batch updates -> weight sync ->
-evaluation -> reference reset -> health checks -> metrics -> checkpoint. Every rank runs the
-same control flow on the same batch (rollouts and rewards are gathered everywhere); the Megatron passes split
-the rows over data-parallel ranks, and only the last pipeline stage sees logprobs.
+evaluation -> reference reset (or the next stage of a staged recipe: a reset, then the stage's
+settings applied live; prorl_megatron/stages.py) -> health checks -> metrics -> checkpoint.
+Every rank runs the same control flow on the same batch (rollouts and rewards are gathered
+everywhere); the Megatron passes split the rows over data-parallel ranks, and only the last
+pipeline stage sees logprobs.
 SIGUSR1/SIGTERM (Slurm's warning signal) are read after each rollout round (the step is then
 abandoned, the previous one checkpointed, and the step redone after the resume) and at the end
 of the step (checkpointed); the process then exits with status 3.
@@ -38,11 +40,15 @@ from prorl_megatron.algo import (
 from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir, load_model
 from prorl_megatron.checkpoint.hf_io import CheckpointError, HFReader
 from prorl_megatron.checkpoint.train_state import (
-    checkpoint_before, find_checkpoint, load_checkpoint, restore_rng, rewind_checkpoints, rng_states, save_checkpoint,
+    checkpoint_before, find_checkpoint, load_checkpoint, read_meta, restore_rng, rewind_checkpoints, rng_states,
+    save_checkpoint,
 )
 from prorl_megatron.checkpoint.transfer import load_hf_weights
 from prorl_megatron.collect import any_rank, gather_lists
-from prorl_megatron.config import ConfigError, Recipe, add_recipe_arguments, recipe_from_args, to_dict
+from prorl_megatron import stages
+from prorl_megatron.config import (
+    ConfigError, Recipe, add_recipe_arguments, recipe_from_args, stage_overridden, stage_recipe, to_dict,
+)
 from prorl_megatron.data.chat import EncodedPrompt, encode
 from prorl_megatron.data.dataset import DataError, PromptMixture, load_rows
 from prorl_megatron.eval import evaluate, score_rollouts
@@ -53,7 +59,7 @@ from prorl_megatron.models.forward import MicroBatch, packing_unavailable_reason
 from prorl_megatron.models.gpt import transformer_config, transformer_engine_available
 from prorl_megatron.models.policy import (
     build_optimizer, build_policy, build_reference, copy_weights, finalize_grads, optimizer_state_is_empty,
-    loss_scale, optimizer_step, reset_optimizer_state, still_calibrating, zero_grads,
+    loss_scale, optimizer_step, reset_optimizer_state, set_learning_rate, still_calibrating, zero_grads,
 )
 from prorl_megatron.parallel import Layout, init_parallel, read_launch_env
 from prorl_megatron.plan import check_fits, device_memory_bytes
@@ -126,6 +132,8 @@ class Run:
     packed: bool = False  # train.sequence_packing, where the attention kernels take packed sequences
     stop_signal: list[int] = field(default_factory=list)
     saved_step: Optional[int] = None  # the newest checkpoint this run wrote or resumed from
+    stages: stages.StageTracker = field(default_factory=lambda: stages.StageTracker([]))
+    overrides: tuple[str, ...] = ()  # the command line's: they win over every stage's settings
 
 
 # --------------------------------------------------------------------------------------
@@ -192,10 +200,18 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         with timer("eval"):
             metrics.update(validate(run, step))
 
-    # 9. reference reset: reference <- policy, optimizer state <- fresh
-    event = run.scheduler.observe(step, {"kl": metrics.get("kl_ref", 0.0),
-                                         **({"val_reward": run.last_val_reward} if "val/reward" in metrics else {})})
-    if event is not None:
+    # 9. reference reset: reference <- policy, optimizer state <- fresh; or the next stage (a
+    # reset, then the stage's settings applied to the run)
+    if cfg.stages:
+        metrics["stage"] = run.stages.index  # the stage this step ran in
+    signals = {"kl": metrics.get("kl_ref", 0.0), "entropy": metrics.get("entropy", math.nan),
+               **({"val_reward": run.last_val_reward} if "val/reward" in metrics else {})}
+    event = run.scheduler.observe(step, signals)
+    entry = run.stages.observe(step, signals)
+    if entry is not None:
+        enter_stage(run, step, entry)
+        metrics["reset"] = 1
+    elif event is not None:
         reset_reference(run, step, event)
         metrics["reset"] = 1
 
@@ -465,20 +481,70 @@ def sync_tolerance(cfg: Recipe) -> SyncTolerance:
 
 
 def validate(run: Run, step: int) -> dict[str, float]:
-    table = evaluate(run.engine, run.pool, run.val_prompts, run.recipe)
+    table = evaluate(run.engine, run.pool, usable_val_prompts(run), run.recipe)
     run.last_val_reward = table["reward"]
     return {f"val/{k}": v for k, v in table.items()}
 
 
 def reset_reference(run: Run, step: int, event: Any) -> None:
     """ProRL's hard reset: the reference becomes the current policy; Adam starts afresh."""
+    hard_reset(run)
+    run.writer.event(step, "reset", reason=event.reason, triggers=list(event.triggers),
+                     optimizer_reset=run.recipe.reset.reset_optimizer)
+    run.progress.write(f"step {step}: reference reset ({event.reason})")
+
+
+def hard_reset(run: Run) -> None:
     copy_weights(run.policy, run.reference)
     if run.recipe.reset.reset_optimizer:
         reset_optimizer_state(run.optimizer)
     run.counters["resets"] += 1
-    run.writer.event(step, "reset", reason=event.reason, triggers=list(event.triggers),
-                     optimizer_reset=run.recipe.reset.reset_optimizer)
-    run.progress.write(f"step {step}: reference reset ({event.reason})")
+
+
+def enter_stage(run: Run, step: int, entry: stages.StageEntry) -> None:
+    """The next stage after ``step``: a hard reset (as the paper does between stages), then the
+    stage's recipe (the command line's overrides still on top) applied to the live run."""
+    hard_reset(run)
+    run.scheduler.restart(step)  # the periodic resets count from this one
+    new = stage_recipe(run.recipe, entry.index, run.overrides, start=entry.index - 1).validate(
+        source=f"stage {entry.index} {entry.name!r}")
+    changed, rebuilt = stages.apply_recipe(run, new, rebuild_engine)
+    run.writer.event(step, "stage", stage=entry.name, index=entry.index, reason=entry.reason,
+                     triggers=list(entry.triggers), changed={k: list(v) for k, v in changed.items()},
+                     engine_rebuilt=rebuilt, optimizer_reset=new.reset.reset_optimizer)
+    run.progress.write(f"step {step}: stage {entry.index} {entry.name!r} ({entry.reason}): "
+                       f"{stages.describe(changed)}; reference reset" + ("; vLLM engine rebuilt" if rebuilt else ""))
+    for line in stage_overridden(new, entry.index, run.overrides, first=entry.index):
+        log.warning("stage %r: %s", entry.name, line)
+
+
+def rebuild_engine(run: Run) -> None:
+    """A vLLM engine for a new maximum length (a stage change): the old one is shut down, the new
+    one built from ``run.recipe`` and given the policy's weights. The process-global RNG states
+    (which vLLM reseeds when it starts) are kept as they were."""
+    from prorl_megatron.rollout.engine import RolloutEngine
+
+    cfg, rng = run.recipe, rng_states()
+    run.engine.shutdown()
+    run.engine = RolloutEngine(str(run.hf_dir), cfg.rollout, cfg.precision, cfg.seed, load_weights=False)
+    restore_rng(rng)
+    fill_engine(run)
+    log.debug("vLLM engine rebuilt for max length %d", stages.engine_length(cfg))
+
+
+def fill_engine(run: Run) -> None:
+    """The policy's weights into a fresh engine (it starts with random ones), then the parity
+    check where enabled."""
+    cfg = run.recipe
+    sync_weights(run.policy, run.dims, run.engine, cfg.precision.params_dtype, cfg.rollout.sync_bucket_mib << 20)
+    if cfg.rollout.check_sync_every:
+        probe = [p.ids for p in usable_val_prompts(run)[:4]] or [[run.pad_id, run.pad_id]]
+        check_sync(run.policy, run.dims, run.engine, probe, sync_tolerance(cfg))
+
+
+def usable_val_prompts(run: Run) -> list[EncodedPrompt]:
+    """The validation prompts within the current ``rollout.max_prompt_tokens`` (a stage may change it)."""
+    return [p for p in run.val_prompts if len(p.ids) <= run.recipe.rollout.max_prompt_tokens]
 
 
 # --------------------------------------------------------------------------------------
@@ -516,14 +582,19 @@ def act_on_alarms(run: Run, step: int, metrics: dict[str, Any]) -> Optional[Alar
 
 
 def rollback_target(run: Run, since: int) -> tuple[Optional[Path], str]:
-    """The newest checkpoint before step ``since`` (collective: rank 0's listing for every
-    rank), or None and why not."""
+    """The newest checkpoint before step ``since`` and in the current stage (collective: rank
+    0's listing for every rank), or None and why not."""
     limit = run.recipe.health.max_rollbacks
     if run.counters["rollbacks"] >= limit:
         return None, f"health.max_rollbacks={limit} rollbacks done"
     root = run.recipe.checkpoint.dir
     path = gather_lists([checkpoint_before(root, since) if dist.get_rank() == 0 else None])[0][0]
-    return path, f"no checkpoint before step {since} in {root}"
+    if path is None:
+        return None, f"no checkpoint before step {since} in {root}"
+    if run.stages.index > 0 and int(path.name.split("_")[-1]) < run.stages.entered_step:
+        return None, (f"the newest checkpoint before step {since} ({path.name}) is from before stage "
+                      f"{run.stages.name!r}, entered after step {run.stages.entered_step}")
+    return path, ""
 
 
 def roll_back(run: Run, back: RollBack) -> None:
@@ -559,7 +630,7 @@ def should_checkpoint(cfg: Recipe, step: int) -> bool:
 def loop_state(run: Run) -> dict[str, Any]:
     return copy.deepcopy({"scheduler": run.scheduler.state_dict(), "data": run.mixture.state_dict(),
                           "counters": dict(run.counters), "last_val_reward": run.last_val_reward,
-                          "health": run.health.state_dict()})
+                          "health": run.health.state_dict(), "stage": run.stages.state_dict()})
 
 
 def load_loop_state(run: Run, state: dict[str, Any]) -> None:
@@ -569,6 +640,8 @@ def load_loop_state(run: Run, state: dict[str, Any]) -> None:
     run.last_val_reward = state["last_val_reward"]
     if "health" in state:  # checkpoints from before the health checks start with empty streaks
         run.health.load_state_dict(state["health"])
+    if "stage" in state:  # absent from checkpoints older than stages
+        run.stages.load_state_dict(state["stage"])
 
 
 def stop(run: Run, step: int) -> None:
@@ -612,6 +685,7 @@ def resume(run: Run) -> None:
 def restore(run: Run, path: Path) -> None:
     """Load checkpoint ``path``: models, optimizer, RNG states, loop state, step."""
     meta = load_checkpoint(path, run.policy, run.reference, run.optimizer)
+    set_learning_rate(run.optimizer, run.recipe.train.lr)  # the recipe's (stage's, command line's), not the saved one
     load_loop_state(run, meta["loop"])
     run.step = run.saved_step = int(meta["step"])
 
@@ -705,12 +779,16 @@ def packing_decision(recipe: Recipe, policy: Any) -> bool:
     return False
 
 
-def setup(recipe: Recipe) -> Run:
+def setup(recipe: Recipe, overrides: tuple[str, ...] = ()) -> Run:
+    """Everything the loop holds, resumed from the latest checkpoint where there is one (in its
+    stage: that stage's recipe, ``overrides`` — the command line's — on top)."""
     from transformers import AutoTokenizer
 
     from prorl_megatron.rollout.engine import RolloutEngine
 
     hf_dir, dims, train_rows, val_rows = check_recipe(recipe)
+    checkpoint = find_checkpoint(recipe.checkpoint.dir, recipe.checkpoint.resume)
+    recipe = stages.recipe_to_resume(recipe, overrides, read_meta(checkpoint)["loop"] if checkpoint else None)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=recipe.model.trust_remote_code)
     layout = init_parallel(recipe.parallel.tensor, recipe.parallel.pipeline, seed=recipe.seed)
     domains = {r.domain for r in train_rows + val_rows}
@@ -723,20 +801,16 @@ def setup(recipe: Recipe) -> Run:
     def encode_row(row: Any) -> EncodedPrompt:
         return encode(row, tokenizer, recipe.data.apply_chat_template)
 
-    val_prompts = [p for p in map(encode_row, val_rows) if len(p.ids) <= recipe.rollout.max_prompt_tokens]
-    r = recipe.reset
-    scheduler = ResetScheduler(every_n_steps=r.every_n_steps, kl_threshold=r.kl_threshold, kl_window=r.kl_window,
-                               plateau_window=r.plateau_window, plateau_delta=r.plateau_delta,
-                               min_gap_steps=r.min_gap_steps)
+    val_prompts = list(map(encode_row, val_rows))  # filtered by rollout.max_prompt_tokens where used
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rank0 = dist.get_rank() == 0
     run = Run(recipe=recipe, layout=layout, dims=dims, hf_dir=hf_dir, pad_id=pad, policy=policy,
               policy_ddp=policy_ddp, reference=reference, reference_module=reference_module, optimizer=optimizer,
               engine=engine, pool=pool,
               mixture=PromptMixture(train_rows, recipe.data.domain_weights or None, recipe.data.shuffle_seed),
-              encode=encode_row, val_prompts=val_prompts, scheduler=scheduler,
+              encode=encode_row, val_prompts=val_prompts, scheduler=stages.reset_scheduler(recipe),
               writer=MetricsWriter(recipe.logging.dir, enabled=False), progress=Progress(0, 0, enabled=False),
-              packed=packing_decision(recipe, policy),
+              packed=packing_decision(recipe, policy), stages=stages.StageTracker(recipe.stages), overrides=overrides,
               health=HealthWatcher(recipe.health.nonfinite, **{c: getattr(recipe.health, c) for c in CHECKS}))
     resume(run)
     if rank0:
@@ -747,7 +821,7 @@ def setup(recipe: Recipe) -> Run:
                                config=to_dict(recipe))
     log.info("model %s: %d layers, hidden %d; %d processes: TP %d x PP %d x DP %d; %d train / %d val prompts",
              hf_dir, dims.num_layers, dims.hidden_size, layout.world_size, layout.tensor, layout.pipeline,
-             layout.data, len(train_rows), len(val_prompts))
+             layout.data, len(train_rows), len(usable_val_prompts(run)))
     run.progress = Progress(recipe.train.steps, run.step, enabled=rank0)
     return run
 
@@ -767,20 +841,18 @@ def passes_only(recipe: Recipe) -> Run:
                packed=packing_decision(recipe, policy))
 
 
-def train(recipe: Recipe) -> Run:
-    """Run (or continue) the recipe to ``train.steps``; return the finished run."""
-    run = setup(recipe)
+def train(recipe: Recipe, overrides: tuple[str, ...] = ()) -> Run:
+    """Run (or continue) the recipe to ``train.steps``; return the finished run. ``overrides``:
+    the command line's, already in ``recipe``; with ``stages:`` they stay on top of every stage."""
+    run = setup(recipe, tuple(overrides))
     install_signal_handlers(run)
-    cfg = recipe
-    # the engine starts with random weights: it gets the policy's (fresh or resumed) before sampling
-    sync_weights(run.policy, run.dims, run.engine, cfg.precision.params_dtype, cfg.rollout.sync_bucket_mib << 20)
-    if cfg.rollout.check_sync_every:
-        probe = [p.ids for p in run.val_prompts[:4]] or [[run.pad_id, run.pad_id]]
-        check_sync(run.policy, run.dims, run.engine, probe, sync_tolerance(cfg))
-    if run.step == 0 and cfg.eval.every_n_steps:
+    fill_engine(run)  # the engine starts with random weights: it gets the policy's (fresh or resumed)
+    if run.step == 0 and run.recipe.stages:
+        run.writer.event(0, "stage", stage=run.stages.name, index=0, reason="the run starts in it")
+    if run.step == 0 and run.recipe.eval.every_n_steps:
         run.writer.write(0, validate(run, 0))
     try:
-        while run.step < cfg.train.steps:
+        while run.step < recipe.train.steps:  # a stage does not change the run's length
             start = loop_state(run), rng_states()
             run.step += 1
             try:
@@ -792,7 +864,8 @@ def train(recipe: Recipe) -> Run:
                 roll_back(run, back)
                 continue
             run.progress.update(metrics)
-            if cfg.logging.console_every and run.step % cfg.logging.console_every == 0:
+            every = run.recipe.logging.console_every
+            if every and run.step % every == 0:
                 run.progress.write(console_line(run.step, metrics))
     finally:
         run.progress.close()
@@ -829,7 +902,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with run_log.routed(recipe.logging.dir) as log_file:
             log.info("%s: %d steps; every rank's log, library messages included: %s", recipe.name,
                      recipe.train.steps, log_file)
-            train(recipe)
+            train(recipe, tuple(args.overrides))
     except StopRequested as e:
         print(str(e), file=sys.stderr, flush=True)
         return EXIT_STOPPED

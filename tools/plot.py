@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Turn a run's metrics.jsonl into PNG curves, with reference resets marked; print a summary.
+"""Turn a run's metrics.jsonl into PNG curves, with resets and stages marked; print a summary.
 
     python tools/plot.py runs/tiny-cpu/logs            # writes runs/tiny-cpu/logs/plots/*.png
 
-Each panel is one metric over training steps; a dashed vertical line marks every reset event.
+Each panel is one metric over training steps; a dashed vertical line marks every reset event,
+and a staged run's stages are shaded, each span labelled with the stage's name.
 The summary compares the first and the last validation pass@k (the "reasoning boundary").
 """
 
@@ -36,6 +37,18 @@ def series(records: list[dict], name: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def stage_spans(records: list[dict]) -> list[tuple[str, int, int]]:
+    """(name, first step, last step) of each stage, from the stage events (a stage entered
+    after step s runs from step s + 1; the first one is logged at step 0)."""
+    events = sorted((r["step"], r["index"], r["stage"]) for r in records if r.get("event") == "stage")
+    last = max((r["step"] for r in records if "event" not in r), default=0)
+    spans = []
+    for i, (step, _, name) in enumerate(events):
+        end = events[i + 1][0] if i + 1 < len(events) else last
+        spans.append((name, step + 1, max(end, step + 1)))
+    return spans
+
+
 def plot(log_dir: Path, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -44,6 +57,7 @@ def plot(log_dir: Path, out_dir: Path) -> list[Path]:
 
     records = read_jsonl(log_dir / METRICS_FILE)
     resets = [r["step"] for r in records if r.get("event") == "reset"]
+    spans = stage_spans(records)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for panel, names in PANELS.items():
@@ -54,6 +68,9 @@ def plot(log_dir: Path, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, steps, values in drawn:
             ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=name)
+        for i, (name, first, last) in enumerate(spans):  # steps first..last: [first - 0.5, last + 0.5]
+            ax.axvspan(first - 0.5, last + 0.5, color=f"C{i % 10}", alpha=0.08, linewidth=0)
+            ax.text(first - 0.5, 1.0, f" {name}", transform=ax.get_xaxis_transform(), va="top", fontsize=7)
         for i, step in enumerate(resets):
             ax.axvline(step, color="grey", linestyle="--", linewidth=1, label="reference reset" if i == 0 else None)
         ax.set_xlabel("step")
@@ -82,6 +99,10 @@ def summary(log_dir: Path) -> str:
                          f"(step {last['step']})  x{ratio:.2f}")
     resets = [r for r in records if r.get("event") == "reset"]
     lines.append(f"  resets: {len(resets)}" + (f" at steps {[r['step'] for r in resets]}" if resets else ""))
+    spans = stage_spans(records)
+    if spans:
+        lines.append("  stages: " + ", ".join(f"{name} ({'steps ' if i == 0 else ''}{first}-{last})"
+                                             for i, (name, first, last) in enumerate(spans)))
     lines.append(f"  Slurm time-limit warning for these step times: #SBATCH --signal=USR1@{stop_signal_lead_s(records)}")
     return "\n".join(lines)
 

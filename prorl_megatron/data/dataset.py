@@ -100,21 +100,26 @@ class PromptMixture:
         self.by_domain = {d: rs for d, rs in self.by_domain.items() if rs}
         if not self.by_domain:
             raise DataError("no prompts to draw from")
-        weights = dict(weights or {})
-        missing = [d for d, w in weights.items() if w > 0 and d not in self.by_domain]
-        if missing:
-            raise DataError(f"data.domain_weights gives weight to {missing}, which have no rows")
         self.domains = sorted(self.by_domain)
-        raw = [weights.get(d, 0.0) if weights else float(len(self.by_domain[d])) for d in self.domains]
-        total = sum(raw)
-        if total <= 0:
-            raise DataError("data.domain_weights leave no domain with rows a positive weight")
-        self.probabilities = np.array(raw) / total
+        self.set_weights(weights)
         self.seed = seed
         self._rng = np.random.default_rng(seed)
         self._cursor = {d: (0, 0) for d in self.domains}  # (epoch, index)
         self._orders: dict[tuple[str, int], np.ndarray] = {}
         self.drawn = 0
+
+    def set_weights(self, weights: Optional[dict[str, float]]) -> None:
+        """Draw domains by ``weights`` from now on (None or empty: by row counts); the position in
+        every domain's order and the draw RNG are kept (a stage change mid-run)."""
+        weights = dict(weights or {})
+        missing = [d for d, w in weights.items() if w > 0 and d not in self.by_domain]
+        if missing:
+            raise DataError(f"data.domain_weights gives weight to {missing}, which have no rows")
+        raw = [weights.get(d, 0.0) if weights else float(len(self.by_domain[d])) for d in self.domains]
+        total = sum(raw)
+        if total <= 0:
+            raise DataError("data.domain_weights leave no domain with rows a positive weight")
+        self.probabilities = np.array(raw) / total
 
     def _order(self, domain: str, epoch: int) -> np.ndarray:
         key = (domain, epoch)

@@ -118,6 +118,14 @@ def reset_optimizer_state(optimizer: Any) -> None:
             group.pop("step", None)
 
 
+def set_learning_rate(optimizer: Any, lr: float) -> None:
+    """The constant learning rate of every param group (a stage change, or a resume whose
+    recipe's ``train.lr`` differs from the one the loaded optimizer state carries)."""
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            group["lr"] = lr
+
+
 def _grad_scaler(optimizer: Any) -> Any:
     """megatron's loss scaler (fp16; None in bf16 and fp32, where the FP32 optimizer has none)."""
     return getattr(_chained(optimizer)[0], "grad_scaler", None)
