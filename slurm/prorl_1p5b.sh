@@ -22,7 +22,7 @@
 # or finishes it, writes a checkpoint and exits with status 3; this script then requeues the
 # job, which resumes from the latest checkpoint (checkpoint.resume=auto). Set the lead from
 # measured step times: `python tools/plot.py runs/<name>/logs` prints the --signal to use. A
-# stage change is an override on the next submission (e.g. rollout.max_response_tokens=16384).
+# stage change is in the recipe (stages:) or an override on the next submission.
 # Alternative to requeueing: chain jobs with `sbatch --dependency=singleton --job-name=prorl ...`
 # submitted several times; each starts when the previous one ends and resumes the same run.
 #

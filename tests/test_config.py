@@ -33,6 +33,10 @@ def test_paper_recipe_holds_the_paper_settings():
     assert r.train.lr == pytest.approx(2e-6)
     assert r.train.prompts_per_step // r.train.mini_batch_prompts == 4
     assert r.reset.reset_optimizer and r.reset.plateau_window is not None
+    # the stages: 8k responses, then 16k (the engine rebuilt; one 16k sequence fits a micro-batch)
+    last = C.resolve_stages(r)[-1]
+    assert [s.name for s in r.stages] == ["8k", "16k"] and last.rollout.max_response_tokens == 16384
+    assert last.train.max_tokens_per_micro_batch >= last.rollout.max_prompt_tokens + 16384
 
 
 def test_overrides_are_coerced_to_the_field_type(tmp_path):
