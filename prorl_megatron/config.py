@@ -40,7 +40,7 @@ AggMode = Literal[
 ]
 Domain = Literal["math", "code", "stem", "logic", "instruction"]
 Correction = Literal["none", "token_tis", "seq_mask_tis", "icepop"]  # algo/rollout_correction.py
-HealthAction = Literal["warn", "reset", "stop", "rollback"]  # prorl_megatron/health.py
+HealthAction = Literal["warn", "reset", "next_stage", "stop", "rollback"]  # prorl_megatron/health.py
 
 
 class ConfigError(ValueError):
@@ -523,6 +523,10 @@ class Recipe:
         need(h.max_rollbacks >= 0, f"health.max_rollbacks must be >= 0, got {h.max_rollbacks}")
         rolling = [f"health.{n}" for n, c in checks.items() if c.threshold is not None and c.action == "rollback"]
         rolling += ["health.nonfinite"] if h.nonfinite == "rollback" else []
+        staging = [f"health.{n}" for n, c in checks.items() if c.threshold is not None and c.action == "next_stage"]
+        staging += ["health.nonfinite"] if h.nonfinite == "next_stage" else []
+        need(not staging or len(self.stages) > 1,
+             f"{', '.join(staging)}: action next_stage needs a stages: list of at least two stages")
         need(not rolling or self.checkpoint.every_n_steps > 0,
              f"{', '.join(rolling)}: action rollback goes back to a checkpoint: set checkpoint.every_n_steps > 0")
 

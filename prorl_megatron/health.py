@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-ACTIONS = ("warn", "reset", "stop", "rollback")
+ACTIONS = ("warn", "reset", "next_stage", "stop", "rollback")
 
 # check -> (metric, how a value is bad given the threshold, the words for it)
 CHECKS: dict[str, tuple[str, Any, str]] = {

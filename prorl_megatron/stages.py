@@ -86,6 +86,16 @@ class StageTracker:
         reason = fired.reason if fired.triggers != ("periodic",) else f"{steps_in} steps in the previous stage"
         return StageEntry(step=step, index=self.index, name=self.name, reason=reason, triggers=fired.triggers)
 
+    def advance(self, step: int, reason: str) -> Optional[StageEntry]:
+        """Enter the next stage after ``step`` whatever its trigger (a health check's
+        ``next_stage``); None in the last stage."""
+        if self.index + 1 >= len(self.stages):
+            return None
+        self.index += 1
+        self.entered_step = step
+        self.trigger = self._next_trigger()
+        return StageEntry(step=step, index=self.index, name=self.name, reason=reason, triggers=("health",))
+
     def state_dict(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.name, "entered_step": self.entered_step,
                 "trigger": None if self.trigger is None else self.trigger.state_dict()}

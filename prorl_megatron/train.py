@@ -554,8 +554,8 @@ def usable_val_prompts(run: Run) -> list[EncodedPrompt]:
 
 def act_on_alarms(run: Run, step: int, metrics: dict[str, Any]) -> Optional[Alarm]:
     """The health checks on step ``step``'s complete metrics (the same on every rank, so every
-    rank decides the same). Each alarm is an event and a warning; ``reset`` resets the reference
-    now; ``rollback`` raises :class:`RollBack` (with nothing to go back to, it stops instead; a
+    rank decides the same). Each alarm is an event and a warning; ``next_stage`` enters the next
+    stage now (a reset, then its settings), ``reset`` resets the reference now; ``rollback`` raises :class:`RollBack` (with nothing to go back to, it stops instead; a
     ``stop`` alarm of the same step wins); returns the alarm that stops the run after the step's
     checkpoint, if any."""
     alarms = run.health.observe(step, metrics)
@@ -573,6 +573,15 @@ def act_on_alarms(run: Run, step: int, metrics: dict[str, Any]) -> Optional[Alar
         metrics[f"health/{a.check}"] = 1
         run.writer.event(step, "health", **a.to_dict())
         log.warning("step %d: health check %s -> %s: %s", step, a.check, a.action, a.message)
+    nexts = [a for a in alarms if a.action == "next_stage"]
+    if nexts and "reset" not in metrics:  # not when this step already entered a stage or reset
+        reason = "; ".join(f"health check {a.check}: {a.message}" for a in nexts)
+        entry = run.stages.advance(step, reason)
+        if entry is not None:
+            enter_stage(run, step, entry)
+            metrics.update({"reset": 1, "resets": run.counters["resets"]})
+        else:
+            log.warning("step %d: health check asks for the next stage, but %r is the last one", step, run.stages.name)
     resets = [a for a in alarms if a.action == "reset"]
     if resets and "reset" not in metrics:  # not twice when the scheduler reset this step
         reason = "; ".join(f"health check {a.check}: {a.message}" for a in resets)
@@ -716,8 +725,9 @@ def signal_received(run: Run) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def check_recipe(recipe: Recipe) -> tuple[Path, ModelDims, Any, Any]:
-    """Everything about the recipe that can fail, checked before any model is built.
+def check_recipe(recipe: Recipe, overrides: tuple[str, ...] = ()) -> tuple[Path, ModelDims, Any, Any]:
+    """Everything about the recipe that can fail, checked before any model is built (the memory
+    plan of every stage's recipe too; ``overrides``: the command line's, on top of each stage's).
 
     Returns the HF config directory, the model's dims, the train rows and the val rows.
     """
@@ -742,10 +752,16 @@ def check_recipe(recipe: Recipe) -> tuple[Path, ModelDims, Any, Any]:
     check_trackers(recipe.logging.tensorboard, recipe.logging.wandb)
     find_checkpoint(recipe.checkpoint.dir, recipe.checkpoint.resume)  # a bad resume target fails here
     device_bytes, on_gpu = device_memory_bytes()  # this GPU, or this host's RAM over its processes
-    memory = check_fits(recipe, dims, read_launch_env().world_size, device_bytes, te=transformer_engine_available(),
-                        on_gpu=on_gpu)  # ConfigError with the table and the knobs to turn
-    log.info("memory plan: %s", memory.verdict())
-    log.debug("memory plan:\n%s", memory.table())
+    for index in range(max(len(recipe.stages), 1)):  # every stage's recipe (e.g. 16k responses) must fit
+        staged = stage_recipe(recipe, index, overrides) if index else recipe
+        name = f" (stage {index} {recipe.stages[index].name!r})" if recipe.stages else ""
+        try:  # a ConfigError with the table and the knobs to turn
+            memory = check_fits(staged, dims, read_launch_env().world_size, device_bytes,
+                                te=transformer_engine_available(), on_gpu=on_gpu)
+        except ConfigError as e:
+            raise ConfigError(f"memory plan{name}: {e}") from None
+        log.info("memory plan%s: %s", name, memory.verdict())
+        log.debug("memory plan%s:\n%s", name, memory.table())
     return hf_dir, dims, train_rows, val_rows
 
 
@@ -786,7 +802,7 @@ def setup(recipe: Recipe, overrides: tuple[str, ...] = ()) -> Run:
 
     from prorl_megatron.rollout.engine import RolloutEngine
 
-    hf_dir, dims, train_rows, val_rows = check_recipe(recipe)
+    hf_dir, dims, train_rows, val_rows = check_recipe(recipe, overrides)
     checkpoint = find_checkpoint(recipe.checkpoint.dir, recipe.checkpoint.resume)
     recipe = stages.recipe_to_resume(recipe, overrides, read_meta(checkpoint)["loop"] if checkpoint else None)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=recipe.model.trust_remote_code)

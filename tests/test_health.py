@@ -141,5 +141,7 @@ def test_recipe_health_section_loads_and_validates():
                "health.nonfinite=rollback")
     with pytest.raises(C.ConfigError, match="did you mean 'health.entropy_floor'"):
         recipe("health.entropy_flor.threshold=0.1")
-    with pytest.raises(C.ConfigError, match="expected one of 'warn', 'reset', 'stop', 'rollback'"):
-        recipe("health.kl_ref_ceiling.action=next_stage")
+    with pytest.raises(C.ConfigError, match="expected one of 'warn', 'reset', 'next_stage', 'stop', 'rollback'"):
+        recipe("health.kl_ref_ceiling.action=skip")
+    with pytest.raises(C.ConfigError, match="health.kl_ref_ceiling: action next_stage needs a stages: list"):
+        recipe("health.kl_ref_ceiling.threshold=0.5", "health.kl_ref_ceiling.action=next_stage")

@@ -157,3 +157,14 @@ def test_tracker_resumes_exactly(cut):
     resumed.load_state_dict(first.state_dict())
     entries.update(walk(resumed, signals[cut:], start=cut + 1))
     assert entries == straight and len(straight) == 2
+
+
+def test_a_health_check_moves_the_tracker_to_the_next_stage():
+    """health action next_stage: the next stage now, its own trigger armed from this step."""
+    tracker = StageTracker(three_stages(entropy_floor=0.5, entropy_window=2))
+    entry = tracker.advance(2, "health check entropy_floor: entropy 0.1 < 0.2 for 2 steps")
+    assert (entry.step, entry.index, entry.name, entry.triggers) == (2, 1, "b", ("health",))
+    assert tracker.entered_step == 2
+    entries = walk(tracker, [{"kl": 0.0, "entropy": e} for e in (0.9, 0.4, 0.3)], start=3)
+    assert list(entries) == [5]  # stage c's entropy floor counts from stage b's entry by health
+    assert tracker.advance(6, "again") is None and tracker.index == 2  # the last stage lasts
