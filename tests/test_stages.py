@@ -8,6 +8,7 @@ import yaml
 
 from prorl_megatron import config as C
 from prorl_megatron.stages import StageTracker, changes, recipe_to_resume
+from tests.algo.test_reset import run as walk  # step by step: {step: what observe returned}
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (ROOT / "recipes/tiny_cpu.yaml").read_text()
@@ -111,15 +112,6 @@ def test_resume_recipe_lands_in_the_saved_stage_and_the_command_line_wins(tmp_pa
 def three_stages(**third):
     return [C.StageConfig(name="a"), C.StageConfig(name="b", enter=C.StageTrigger(after_steps=4)),
             C.StageConfig(name="c", enter=C.StageTrigger(**third))]
-
-
-def walk(tracker, signals, start=1):
-    entries = {}
-    for step, s in enumerate(signals, start=start):
-        entry = tracker.observe(step, s)
-        if entry is not None:
-            entries[step] = entry
-    return entries
 
 
 def test_tracker_enters_by_steps_then_by_entropy_floor():
