@@ -238,11 +238,19 @@ class RolloutEngine:
         group: ``new_group`` copies, not the default group). The CPU shared memory needs nothing
         (its names were unlinked once mapped; the mappings go with the objects), and the next
         engine takes a fresh shared-memory identifier."""
+        from vllm import envs
         from vllm.distributed import parallel_state
 
         if self.llm is None:
             return
-        client = self.llm.llm_engine.engine_core  # InprocClient: the engine core lives in this process
+        if self.asleep:  # on CUDA, vLLM's allocator would release the sleeping allocations twice
+            self.llm.wake_up()
+            self.asleep = set()
+        engine = self.llm.llm_engine
+        cleanup = getattr(engine, "_finalizer", None)  # vLLM's own, run while the compiled model is
+        if cleanup is not None:  # reachable: it drops the torch.compile bytecode hooks that pin it
+            cleanup()  # (weights, CUDA graphs) for the life of the process, after the runner lets go
+        client = engine.engine_core  # InprocClient: the engine core lives in this process
         client._finalizer.detach()  # collected later, it would run vLLM's shutdown (see above)
         core = client.engine_core
         core.structured_output_manager.clear_backend()
@@ -258,8 +266,22 @@ class RolloutEngine:
         self.asleep, self.weights_lost = set(), True
         gc.unfreeze()  # vLLM froze its start-up objects; let the collector see them
         gc.collect()
-        if torch.cuda.is_available():
+        envs.disable_envs_cache()  # the next engine reads the environment afresh
+        if torch.cuda.is_available():  # the rest of vLLM's cleanup_dist_env_and_memory
+            from vllm.device_allocator.cumem import CuMemAllocator
+            from vllm.triton_utils import HAS_TRITON
+
+            if HAS_TRITON:
+                from vllm.v1.sample.ops.topk_topp_triton import reset_buffer_cache
+
+                reset_buffer_cache()
+            torch.cuda.synchronize()
             torch.cuda.empty_cache()
+            torch.accelerator.empty_host_cache()  # the pinned host copies sleep made
+            left = CuMemAllocator.instance.get_current_usage() if CuMemAllocator.instance is not None else 0
+            if left:  # the next engine's sleep mode asserts an empty allocator: say why here
+                raise RuntimeError(f"the vLLM engine's sleep-mode allocator still holds {left} bytes after its "
+                                   "shutdown: something keeps the old engine's tensors alive")
         log.debug("engine shut down")
 
     def _check_ready(self) -> None:
