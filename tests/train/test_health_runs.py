@@ -1,4 +1,5 @@
-"""Health checks in real runs (tiny demo model, TP2 on CPU): warn, stop (exit status 4), rollback."""
+"""Health checks in real runs (tiny demo model, TP2 on CPU): warn, stop (exit status 4), rollback,
+reset and next_stage."""
 
 import json
 import re
@@ -6,7 +7,7 @@ import re
 import pytest
 
 from prorl_megatron.metrics import read_jsonl
-from tests.train.conftest import run, train_command
+from tests.train.conftest import ROOT, run, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +70,34 @@ def test_rollback_redoes_the_bad_step_with_other_seeds(tiny_base, tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000003", "step_00000004"]
     meta = json.loads((ckpt / "step_00000004" / "prorl_meta.json").read_text())
     assert meta["loop"]["counters"]["rollbacks"] == 1
+
+
+def test_reset_and_next_stage_actions(tiny_base, tmp_path):
+    """A KL ceiling planted at 1e-9 resets the reference at step 2 (kl_ref 0 at step 1); an entropy
+    floor planted above the real entropy sends a staged run into its next stage after 3 steps,
+    whose own trigger (1000 steps) would never fire."""
+    recipe = tmp_path / "staged.yaml"
+    recipe.write_text((ROOT / "recipes/tiny_cpu.yaml").read_text() + """
+stages:
+  - name: first
+  - name: second
+    enter: {after_steps: 1000}
+    overrides: {algo.kl_coef: 0.05}
+""")
+    command = train_command(tmp_path, tiny_base, "train.steps=3", "checkpoint.every_n_steps=0",
+                            "health.kl_ref_ceiling.threshold=1e-9", "health.kl_ref_ceiling.action=reset",
+                            "health.entropy_floor.threshold=100", "health.entropy_floor.window=3",
+                            "health.entropy_floor.action=next_stage")
+    command[command.index("recipes/tiny_cpu.yaml")] = str(recipe)
+    done = run(command)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-6000:]
+    m = records(tmp_path)
+    steps = {r["step"]: r for r in m if "event" not in r}
+    assert steps[2]["reset"] == 1 and steps[2]["health/kl_ref_ceiling"] == 1 and steps[2]["resets"] == 1
+    assert steps[3]["kl_ref"] == 0.0  # the reference was the policy again
+    entered = [r for r in m if r.get("event") == "stage" and r["index"] == 1]
+    assert [(r["step"], r["stage"], r["triggers"]) for r in entered] == [(3, "second", ["health"])]
+    assert "health check entropy_floor" in entered[0]["reason"]
+    assert entered[0]["changed"] == {"algo.kl_coef": [0.01, 0.05]}
+    assert "step 3: stage 1 'second' (health check entropy_floor" in text
