@@ -140,8 +140,9 @@ def engine_length(recipe: Recipe) -> int:
 
 def apply_recipe(run: Any, new: Recipe, rebuild_engine: Any) -> tuple[dict[str, tuple[Any, Any]], bool]:
     """Make ``new`` the live recipe of ``run`` (a :class:`prorl_megatron.train.Run`); return
-    what changed and whether the engine was rebuilt. ``rebuild_engine(run)`` replaces the engine by one built from ``run.recipe``
-    with the policy's weights (collective); it is called only when the maximum length changes."""
+    what changed and whether the engine was rebuilt. ``rebuild_engine(run)`` replaces the engine
+    by one built from ``run.recipe`` with the policy's weights (collective); it is called only
+    when the maximum length changes."""
     from prorl_megatron.models.policy import set_learning_rate
 
     old, changed = run.recipe, changes(run.recipe, new)

@@ -555,9 +555,9 @@ def usable_val_prompts(run: Run) -> list[EncodedPrompt]:
 def act_on_alarms(run: Run, step: int, metrics: dict[str, Any]) -> Optional[Alarm]:
     """The health checks on step ``step``'s complete metrics (the same on every rank, so every
     rank decides the same). Each alarm is an event and a warning; ``next_stage`` enters the next
-    stage now (a reset, then its settings), ``reset`` resets the reference now; ``rollback`` raises :class:`RollBack` (with nothing to go back to, it stops instead; a
-    ``stop`` alarm of the same step wins); returns the alarm that stops the run after the step's
-    checkpoint, if any."""
+    stage now (a reset, then its settings); ``reset`` resets the reference now; ``rollback``
+    raises :class:`RollBack` (with nothing to go back to, it stops instead; a ``stop`` alarm of
+    the same step wins); returns the alarm that stops the run after the step's checkpoint, if any."""
     alarms = run.health.observe(step, metrics)
     if not alarms:
         return None
@@ -752,12 +752,12 @@ def check_recipe(recipe: Recipe, overrides: tuple[str, ...] = ()) -> tuple[Path,
     check_trackers(recipe.logging.tensorboard, recipe.logging.wandb)
     find_checkpoint(recipe.checkpoint.dir, recipe.checkpoint.resume)  # a bad resume target fails here
     device_bytes, on_gpu = device_memory_bytes()  # this GPU, or this host's RAM over its processes
+    world_size, te = read_launch_env().world_size, transformer_engine_available()
     for index in range(max(len(recipe.stages), 1)):  # every stage's recipe (e.g. 16k responses) must fit
         staged = stage_recipe(recipe, index, overrides) if index else recipe
         name = f" (stage {index} {recipe.stages[index].name!r})" if recipe.stages else ""
         try:  # a ConfigError with the table and the knobs to turn
-            memory = check_fits(staged, dims, read_launch_env().world_size, device_bytes,
-                                te=transformer_engine_available(), on_gpu=on_gpu)
+            memory = check_fits(staged, dims, world_size, device_bytes, te=te, on_gpu=on_gpu)
         except ConfigError as e:
             raise ConfigError(f"memory plan{name}: {e}") from None
         log.info("memory plan%s: %s", name, memory.verdict())
