@@ -270,7 +270,8 @@ def main() -> None:
     precision = PrecisionConfig(params_dtype="bfloat16")
     train = TrainConfig(lr=1e-3, clip_grad=0.0, distributed_optimizer=True)
     {"dp2": dp2, "dp1": dp1, "dp1to2": dp1to2}[mode](hf_dir, out, dims, precision, train)
-    print("OK", mode, "rank", dist.get_rank(), flush=True)
+    sys.stdout.write(f"OK {mode} rank {dist.get_rank()}\n")  # one write: the ranks share a pipe
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
