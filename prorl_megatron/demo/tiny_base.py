@@ -1,15 +1,19 @@
-"""The embedded demo's base model: a tiny Qwen2, warmed up on addition until it is sometimes right.
+"""The tiny tasks' base models: a tiny Qwen2, warmed up on a task until it is sometimes right.
 
 RL cannot start from a random model (every reward is 0, every group is dropped), so this
 builds the starting point itself, reproducibly, in about a minute on 2 CPU cores: a
 character tokenizer (digits, ``+``, ``=``, end of sequence), a 2-layer Qwen2 (hidden 128,
 4 heads of 32 — vLLM's CPU attention needs head_dim >= 32) and a short supervised warm-up on
-``abc+def=`` -> the sum zero-padded to four digits (``0719``: every digit has a fixed place,
-which a 2-layer model learns far faster; math-verify scores it equal to ``719``) + end,
-stopped as soon as greedy exact-match accuracy on held-out sums reaches ``--target``.
+a task's prompts -> the sum zero-padded to one digit more than the operands (``0719``: every
+digit has a fixed place, which a 2-layer model learns far faster; math-verify scores it equal
+to ``719``) + end, stopped as soon as greedy exact-match accuracy on held-out prompts reaches
+``--target``. The tasks (:data:`TASKS`): ``addition``, the demo's ``abc+def=``, and ``add4``,
+the ablation study's ``abcd+efgh=`` (docs/results.md). Their RL prompts are made by
+``tools/prepare_data.py addition`` from the same generator (``data/tiny/``).
 The result is a normal Hugging Face directory.
 
     python -m prorl_megatron.demo.tiny_base --out runs/tiny-base/hf
+    python -m prorl_megatron.demo.tiny_base --task add4 --target 0.05 --out runs/add4-base/hf
 """
 
 from __future__ import annotations
@@ -23,11 +27,16 @@ from pathlib import Path
 
 import torch
 
+from prorl_megatron.data.sources import addition_rows
+
 PAD, EOS = "<pad>", "<eos>"
 SYMBOLS = list("0123456789+=")
 VOCAB_SIZE = 64  # 14 tokens used; the rest are spare ids (vLLM pads to 64: each TP2 shard holds real rows)
 WARM_UP_LR_STEPS = 100  # linear learning-rate warm-up
 RECIPE_VERSION = 2  # bump when anything below changes what is built
+# task -> digits per operand. With the default seed the warm-up trains on generator seed 1 and
+# stops on seed 2; data/tiny/addition_{train,val}.jsonl are seeds 1 and 2, add4's are 201 and 202.
+TASKS = {"addition": 3, "add4": 4}
 
 
 def build_tokenizer(directory: Path):
@@ -97,24 +106,21 @@ def greedy_accuracy(model, tokenizer, pairs: list[tuple[str, str]], max_new: int
     return correct / len(pairs)
 
 
-def addition_pairs(count: int, seed: int) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(count):
-        a, b = rng.randrange(1000), rng.randrange(1000)
-        pairs.append((f"{a}+{b}=", f"{a + b:04d}"))
-    return pairs
+def task_pairs(task: str, count: int, seed: int) -> list[tuple[str, str]]:
+    """``count`` (prompt, zero-padded sum) pairs of ``task`` from generator seed ``seed``."""
+    digits = TASKS[task]
+    return [(r.prompt, r.ground_truth["answer"].zfill(digits + 1)) for r in addition_rows(count, seed, digits)]
 
 
 def warm_up(out: Path, seed: int = 0, target: float = 0.15, max_steps: int = 3000, batch: int = 128,
-            lr: float = 2e-3, eval_every: int = 50) -> dict:
-    """Build tokenizer + model in ``out`` and train until greedy accuracy >= ``target``."""
+            lr: float = 2e-3, eval_every: int = 50, task: str = "addition") -> dict:
+    """Build tokenizer + model in ``out`` and train on ``task`` until greedy accuracy >= ``target``."""
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
     model = build_model(seed)
-    train = addition_pairs(50_000, seed + 1)
-    held_out = addition_pairs(256, seed + 2)
+    train = task_pairs(task, 50_000, seed + 1)
+    held_out = task_pairs(task, 256, seed + 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / WARM_UP_LR_STEPS))
     start, step, accuracy = time.time(), 0, 0.0
@@ -139,34 +145,36 @@ def warm_up(out: Path, seed: int = 0, target: float = 0.15, max_steps: int = 300
                 break
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)
-    info = {"recipe_version": RECIPE_VERSION, "seed": seed, "target": target, "steps": step,
+    info = {"recipe_version": RECIPE_VERSION, "task": task, "seed": seed, "target": target, "steps": step,
             "greedy_accuracy": accuracy, "seconds": round(time.time() - start, 1)}
     (out / "warm_up.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def is_built(out: Path, seed: int, target: float) -> bool:
+def is_built(out: Path, seed: int, target: float, task: str = "addition") -> bool:
     try:
         info = json.loads((out / "warm_up.json").read_text())
     except (OSError, ValueError):
         return False
-    return (info.get("recipe_version") == RECIPE_VERSION and info.get("seed") == seed
+    return (info.get("recipe_version") == RECIPE_VERSION and info.get("task", "addition") == task
+            and info.get("seed") == seed
             and info.get("target") == target and (out / "model.safetensors").is_file())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/tiny-base/hf")
+    parser.add_argument("--task", choices=sorted(TASKS), default="addition")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=float, default=0.15, help="stop at this greedy accuracy")
     parser.add_argument("--force", action="store_true", help="rebuild even if already built")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if not args.force and is_built(out, args.seed, args.target):
+    if not args.force and is_built(out, args.seed, args.target, args.task):
         print(f"tiny base model: {out} (already built)")
         return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    info = warm_up(out, seed=args.seed, target=args.target)
+    info = warm_up(out, seed=args.seed, target=args.target, task=args.task)
     print(f"tiny base model: {out} ({info['steps']} warm-up steps, {info['seconds']} s, "
           f"greedy accuracy {info['greedy_accuracy']:.2f})")
     return 0

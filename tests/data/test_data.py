@@ -185,12 +185,18 @@ def test_prepare_data_reports_bad_source_records(tmp_path):
     assert len(load_rows([str(tmp_path / "o.jsonl")]).rows) == 1
 
 
-def test_shipped_demo_data_loads():
-    for name in ("addition_train.jsonl", "addition_val.jsonl"):
-        rows = load_rows([str(ROOT / "data" / "tiny" / name)]).rows
-        assert rows and all(r.domain == "math" for r in rows)
-        a, b = rows[0].prompt.rstrip("=").split("+")
-        assert rows[0].ground_truth["answer"] == str(int(a) + int(b))
+@pytest.mark.parametrize("name, digits, count, seed", [
+    ("addition_train", 3, 4000, 1), ("addition_val", 3, 256, 2), ("add4_train", 4, 4000, 201), ("add4_val", 4, 256, 202)])
+def test_shipped_tiny_task_data_is_what_prepare_data_writes(tmp_path, name, digits, count, seed):
+    out = tmp_path / f"{name}.jsonl"
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "addition", "--digits", str(digits),
+                          "--count", str(count), "--seed", str(seed), "--out", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    shipped = ROOT / "data" / "tiny" / out.name
+    assert shipped.read_bytes() == out.read_bytes()
+    for row in load_rows([str(shipped)]).rows[:50]:
+        a, b = row.prompt.rstrip("=").split("+")
+        assert row.domain == "math" and row.ground_truth["answer"] == str(int(a) + int(b))
 
 
 def test_prepare_data_generates_reasoning_gym_puzzles(tmp_path):
