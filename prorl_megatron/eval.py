@@ -57,13 +57,16 @@ def pass_at_k_table(domains: list[str], rewards: list[list[float]], ks: list[int
     return out
 
 
-def evaluate(engine: Any, pool: RewardPool, prompts: list[EncodedPrompt], recipe: Any) -> dict[str, float]:
+def evaluate(engine: Any, pool: RewardPool, prompts: list[EncodedPrompt], recipe: Any,
+             per_prompt: bool = False) -> dict[str, Any]:
     """Pass@k of the engine's current weights on ``prompts`` (collective over the world).
 
     ``recipe.eval`` gives n, ks, the temperature and top-p; responses get
     ``rollout.max_response_tokens``; sampling is seeded from ``recipe.seed`` by
     :func:`~prorl_megatron.rollout.seeds.eval_base_seed` (the same seeds at every evaluation,
-    in training and standalone alike, none shared with training rollouts).
+    in training and standalone alike, none shared with training rollouts). With
+    ``per_prompt``, the table also holds ``"per_prompt"``: ``{"id", "domain", "n", "correct"}``
+    per prompt, in order (what confidence intervals over prompts are computed from).
     """
     cfg = recipe.eval
     rollouts = engine.generate_global([p.ids for p in prompts],
@@ -74,6 +77,9 @@ def evaluate(engine: Any, pool: RewardPool, prompts: list[EncodedPrompt], recipe
     table = pass_at_k_table([p.row.domain for p in prompts], rewards, cfg.ks)
     lengths = [len(r.response_ids) for samples in rollouts for r in samples]
     table["response_length"] = sum(lengths) / max(len(lengths), 1)
+    if per_prompt:
+        table["per_prompt"] = [{"id": p.row.id, "domain": p.row.domain, "n": len(r), "correct": sum(x > 0.5 for x in r)}
+                               for p, r in zip(prompts, rewards)]
     return table
 
 
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="Megatron checkpoint or HF directory")
     parser.add_argument("--files", nargs="*", help="prompt files (default: the recipe's data.val_files)")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--per-prompt", action="store_true",
+                        help="with --out: also each prompt's sample and correct counts")
     args = parser.parse_args(argv)
     recipe = recipe_from_args(args)
     files = args.files or recipe.data.val_files
@@ -101,18 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = load_rows(files, recipe.data.on_bad_row).rows
     # library notices and every rank's log go to {logging.dir}/eval.log (see run_log)
     with run_log.routed(recipe.logging.dir, name="eval.log"):
-        table = evaluate_checkpoint(checkpoint, rows, recipe)
+        table = evaluate_checkpoint(checkpoint, rows, recipe, per_prompt=args.per_prompt)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        print(json.dumps(table, indent=2, sort_keys=True))
+        print(json.dumps({k: v for k, v in table.items() if k != "per_prompt"}, indent=2, sort_keys=True))
         if args.out:
             Path(args.out).write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     sys.stdout.flush()
     return 0
 
 
-def evaluate_checkpoint(checkpoint: Path, rows: list[Any], recipe: Any) -> dict[str, float]:
+def evaluate_checkpoint(checkpoint: Path, rows: list[Any], recipe: Any, per_prompt: bool = False) -> dict[str, Any]:
     """:func:`evaluate` on ``rows`` with the weights of ``checkpoint`` (Megatron or HF; collective)."""
     from transformers import AutoTokenizer
 
@@ -139,7 +147,7 @@ def evaluate_checkpoint(checkpoint: Path, rows: list[Any], recipe: Any) -> dict[
         sync_weights(model, dims, engine, recipe.precision.params_dtype, recipe.rollout.sync_bucket_mib << 20)
     with RewardPool(recipe.rewards.workers, pool_settings(recipe.rewards),
                     code=any(p.row.domain == "code" for p in prompts)) as pool:
-        return evaluate(engine, pool, prompts, recipe)
+        return evaluate(engine, pool, prompts, recipe, per_prompt=per_prompt)
 
 
 if __name__ == "__main__":
