@@ -1,0 +1,265 @@
+"""Ablation grids: named recipe overrides x seeds, each run trained, evaluated at large k, reported.
+
+A grid file (``recipes/ablations/*.yaml``) names a base recipe, the base model it starts from
+(built here if missing, by :mod:`prorl_megatron.demo.tiny_base`), the seeds, the arms (each a
+set of recipe overrides) and the comparisons the report draws (each a set of arms)::
+
+    python -m prorl_megatron.ablate --grid recipes/ablations/add4.yaml          # run what is missing, report
+    python -m prorl_megatron.ablate --grid recipes/ablations/add4.yaml --report # the report only
+
+Every run has its own directory ``{runs_dir}/{arm}/seed{seed}``: ``logs/metrics.jsonl``,
+``checkpoints/``, ``train.log`` and ``eval.json`` — pass@k of its last checkpoint on the
+validation prompts with ``eval.n_samples`` samples each, and each prompt's counts. A run with an
+``eval.json`` is finished and never rerun; a killed run resumes from its last checkpoint. Runs go
+``jobs`` at a time (default: the machine's cores / the processes one run takes). The base model
+is evaluated the same way (``{runs_dir}/base/eval.json``). The report
+(:mod:`prorl_megatron.ablate_report`) is written to ``docs_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from prorl_megatron.checkpoint.train_state import find_checkpoint
+
+log = logging.getLogger("prorl_megatron.ablate")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class GridError(ValueError):
+    """A grid file that cannot be run: says which file and which field."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    about: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Arms the report puts side by side, for one claim (``x``: ``step`` or ``samples``, the
+    x axis of its validation curve)."""
+
+    name: str
+    title: str
+    arms: tuple[str, ...]
+    x: str = "step"
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    hf_dir: str
+    task: str = "addition"
+    target: float = 0.15
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    recipe: str
+    base: BaseModel
+    seeds: tuple[int, ...]
+    arms: tuple[Arm, ...]
+    comparisons: tuple[Comparison, ...]
+    runs_dir: str
+    docs_dir: str
+    eval_n: int
+    eval_ks: tuple[int, ...]
+    procs_per_run: int = 1
+    common: dict[str, Any] = field(default_factory=dict)  # overrides every run gets
+    results_md: Optional[str] = None  # a document whose <!-- ablate:NAME --> blocks the report fills
+    # dynamic sampling's comparison: the generated samples each run needed to reach this
+    # multiple of the base model's validation pass@1
+    pass1_target_ratio: float = 2.0
+
+    def arm(self, name: str) -> Arm:
+        return next(a for a in self.arms if a.name == name)
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return Path(self.runs_dir) / arm / f"seed{seed}"
+
+
+_GRID_KEYS = {"name", "recipe", "base", "seeds", "arms", "comparisons", "runs_dir", "docs_dir", "eval",
+              "procs_per_run", "common", "results_md", "pass1_target_ratio"}
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Parse a grid file; unknown keys and arms a comparison names but the grid lacks are errors."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise GridError(f"{path}: {e}") from e
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise GridError(f"{path}: {what}")
+
+    need(isinstance(data, dict), "a grid is a mapping")
+    unknown = sorted(set(data) - _GRID_KEYS)
+    need(not unknown, f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_GRID_KEYS))})")
+    for key in ("name", "recipe", "base", "seeds", "arms"):
+        need(key in data, f"missing key {key!r}")
+    need(isinstance(data["arms"], dict) and data["arms"], "arms: a mapping of arm name -> {about, overrides}")
+    arms = []
+    for name, spec in data["arms"].items():
+        spec = spec or {}
+        bad = sorted(set(spec) - {"about", "overrides"})
+        need(not bad, f"arms.{name}: unknown key(s) {', '.join(bad)} (known: about, overrides)")
+        arms.append(Arm(str(name), str(spec.get("about", "")), dict(spec.get("overrides") or {})))
+    names = {a.name for a in arms}
+    comparisons = []
+    for name, spec in (data.get("comparisons") or {}).items():
+        missing = [a for a in spec.get("arms", []) if a not in names]
+        need(not missing, f"comparisons.{name}.arms: no arm named {', '.join(missing)}")
+        need(spec.get("x", "step") in ("step", "samples"), f"comparisons.{name}.x: 'step' or 'samples'")
+        comparisons.append(Comparison(str(name), str(spec.get("title", name)), tuple(spec["arms"]),
+                                      spec.get("x", "step")))
+    base = data["base"]
+    need(isinstance(base, dict) and "hf_dir" in base, "base: {hf_dir, task, target, seed}")
+    bad = sorted(set(base) - {"hf_dir", "task", "target", "seed"})
+    need(not bad, f"base: unknown key(s) {', '.join(bad)}")
+    ev = data.get("eval") or {}
+    bad = sorted(set(ev) - {"n_samples", "ks"})
+    need(not bad, f"eval: unknown key(s) {', '.join(bad)} (known: n_samples, ks)")
+    ks = tuple(int(k) for k in ev.get("ks", [1, 2, 4, 8, 16, 32, 64]))
+    n = int(ev.get("n_samples", 2 * max(ks)))
+    need(n >= 2 * max(ks), f"eval.n_samples: {n} < 2 x the largest k ({max(ks)}): pass@k would be too noisy")
+    seeds = tuple(int(s) for s in data["seeds"])
+    need(len(seeds) == len(set(seeds)) and seeds, "seeds: a non-empty list of distinct integers")
+    grid_dir = f"runs/ablate-{data['name']}"
+    return Grid(name=str(data["name"]), recipe=str(data["recipe"]), base=BaseModel(**base), seeds=seeds,
+                arms=tuple(arms), comparisons=tuple(comparisons), runs_dir=str(data.get("runs_dir", grid_dir)),
+                docs_dir=str(data.get("docs_dir", f"{grid_dir}/report")), eval_n=n, eval_ks=ks,
+                procs_per_run=int(data.get("procs_per_run", 1)), common=dict(data.get("common") or {}),
+                results_md=data.get("results_md"), pass1_target_ratio=float(data.get("pass1_target_ratio", 2.0)))
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    """``key=value`` command-line overrides; values in YAML flow style (lists and mappings too)."""
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True, width=1 << 30).strip().removesuffix('...').strip()}"
+            for k, v in overrides.items()]
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def _run_logged(cmd: list[str], log_file: Path, env: dict[str, str]) -> None:
+    with open(log_file, "a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit {done.returncode}: {' '.join(cmd[-6:])} (see {log_file})")
+
+
+def evaluate_into(grid: Grid, checkpoint: Path, out: Path, seed: int, env: dict[str, str], log_file: Path,
+                  extra: list[str] = ()) -> None:
+    """pass@k of ``checkpoint`` on the recipe's validation prompts, with each prompt's counts,
+    written to ``out`` atomically (a present ``out`` is a finished evaluation)."""
+    tmp = out.with_suffix(".json.tmp")
+    cmd = [*_torchrun(grid.procs_per_run), "-m", "prorl_megatron.eval", "--recipe", grid.recipe,
+           "--checkpoint", str(checkpoint), "--out", str(tmp), "--per-prompt",
+           *override_args({**grid.common, "seed": seed, "eval.n_samples": grid.eval_n, "eval.ks": list(grid.eval_ks),
+                           "logging.dir": str(out.parent / "eval_logs")}), *extra]
+    _run_logged(cmd, log_file, env)
+    os.replace(tmp, out)
+
+
+def run_arm(grid: Grid, arm: Arm, seed: int, env: dict[str, str]) -> str:
+    """Train ``arm`` with ``seed`` (resuming a killed run) and evaluate its last checkpoint."""
+    run = grid.run_dir(arm.name, seed)
+    if (run / "eval.json").is_file():
+        return f"{arm.name} seed {seed}: finished earlier"
+    run.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    arm_args = override_args({**grid.common, **arm.overrides})
+    paths = override_args({"seed": seed, "checkpoint.dir": str(run / "checkpoints"), "logging.dir": str(run / "logs")})
+    _run_logged([*_torchrun(grid.procs_per_run), "-m", "prorl_megatron.train", "--recipe", grid.recipe,
+                 *arm_args, *paths], run / "train.log", env)
+    # the arm's overrides apply to the evaluation too (a stage list is needed to read a staged run's
+    # checkpoint); the evaluation's own settings come last and win
+    last = find_checkpoint(run / "checkpoints", "auto")
+    if last is None:
+        raise RuntimeError(f"{run / 'checkpoints'}: training ended without a checkpoint")
+    evaluate_into(grid, last, run / "eval.json", seed, env, run / "train.log", extra=override_args(arm.overrides))
+    return f"{arm.name} seed {seed}: {time.time() - start:.0f} s"
+
+
+def ensure_base(grid: Grid, env: dict[str, str]) -> None:
+    """Build the base model if it is missing, and evaluate it once (with the first seed)."""
+    b = grid.base
+    _run_logged([sys.executable, "-m", "prorl_megatron.demo.tiny_base", "--task", b.task, "--target", str(b.target),
+                 "--seed", str(b.seed), "--out", b.hf_dir], Path(grid.runs_dir) / "base.log", env)
+    out = Path(grid.runs_dir) / "base" / "eval.json"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        evaluate_into(grid, Path(b.hf_dir), out, grid.seeds[0], env, Path(grid.runs_dir) / "base.log")
+
+
+def run_grid(grid: Grid, jobs: int) -> list[str]:
+    """Every (arm, seed) not yet finished, ``jobs`` at a time; returns the failures."""
+    Path(grid.runs_dir).mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // (jobs * grid.procs_per_run))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    ensure_base(grid, env)
+    todo = [(arm, seed) for seed in grid.seeds for arm in grid.arms]
+    failures = []
+
+    def one(item: tuple[Arm, int]) -> None:
+        arm, seed = item
+        try:
+            log.info("%s", run_arm(grid, arm, seed, env))
+        except Exception as e:  # one failed run does not stop the others; it is reported at the end
+            failures.append(f"{arm.name} seed {seed}: {e}")
+            log.error("%s seed %d failed: %s", arm.name, seed, e)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, todo))
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", required=True, help="a grid file, e.g. recipes/ablations/add4.yaml")
+    parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
+    parser.add_argument("--jobs", type=int, help="runs at a time (default: cores / processes per run)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        grid = load_grid(args.grid)
+    except GridError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failures = []
+    if not args.report:
+        jobs = args.jobs or max(1, (os.cpu_count() or 1) // grid.procs_per_run)
+        failures = run_grid(grid, jobs)
+    from prorl_megatron.ablate_report import write_report
+
+    written = write_report(grid)
+    for path in written:
+        print(f"report: {path}")
+    for f in failures:
+        print(f"failed: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
