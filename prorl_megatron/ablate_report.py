@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,27 @@ def samples_to_reach(run: Run, target: float, n_per_prompt: int) -> Optional[flo
     return None
 
 
+def val_curve_by_samples(run: Run, n_per_prompt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validation pass@1 against the samples generated before each evaluation."""
+    steps, pass1 = run.series("val/pass@1")
+    gen_steps, generated = run.generated_samples(n_per_prompt)
+    return np.interp(steps, gen_steps, generated, left=0.0), pass1
+
+
+def equal_samples_line(arms: dict[str, list[Run]], names: tuple[str, ...], n_per_prompt: int) -> str:
+    """Each arm's validation pass@1 (interpolated) at the sample count the thriftiest run reached."""
+    runs = [r for name in names for r in arms.get(name, []) if r.metrics]
+    if not runs:
+        return ""
+    budget = min(float(r.generated_samples(n_per_prompt)[1][-1]) for r in runs)
+    cells = []
+    for name in names:
+        values = [float(np.interp(budget, *val_curve_by_samples(r, n_per_prompt))) for r in arms.get(name, []) if r.metrics]
+        cells.append(f"{name} {mean_std(values)}")
+    return (f"At equal cost — {budget / 1000:.1f}k generated samples, the fewest any run here generated — "
+            f"validation pass@1 (interpolated between evaluations): " + "; ".join(cells) + ".")
+
+
 def table_rows(grid: Grid, base: Optional[Run], arms: dict[str, list[Run]], names: tuple[str, ...],
                show_ks: tuple[int, ...], n_per_prompt: int) -> str:
     """The markdown table of ``names`` (and the base model)."""
@@ -184,8 +206,7 @@ def plot_comparison(grid: Grid, base: Optional[Run], arms: dict[str, list[Run]],
         axes[0].fill_between(ks, lo, hi, color=color, alpha=0.18, lw=0)
         val = [r.series("val/pass@1") for r in runs]
         if x_axis == "samples":
-            gen = [r.generated_samples(n_per_prompt) for r in runs]
-            xs = [np.interp(s, g_steps, g_vals, left=0.0) / 1000 for (s, _), (g_steps, g_vals) in zip(val, gen)]
+            xs = [val_curve_by_samples(r, n_per_prompt)[0] / 1000 for r in runs]
         else:
             xs = [s for s, _ in val]
         band(axes[1], xs, [v for _, v in val], name, color)
@@ -232,9 +253,9 @@ def write_report(grid: Grid) -> list[Path]:
         figure = docs / f"{c.name}.png"
         plot_comparison(grid, base, arms, c.arms, c.x, c.title, figure, n_per_prompt)
         written.append(figure)
-        link = Path(*([".."] * 0), figure.resolve().relative_to(results_dir.resolve())) \
-            if figure.resolve().is_relative_to(results_dir.resolve()) else figure
-        blocks[c.name] = (table_rows(grid, base, arms, c.arms, show_ks, n_per_prompt)
+        link = Path(os.path.relpath(figure.resolve(), results_dir.resolve()))
+        extra = f"\n\n{equal_samples_line(arms, c.arms, n_per_prompt)}" if c.x == "samples" else ""
+        blocks[c.name] = (table_rows(grid, base, arms, c.arms, show_ks, n_per_prompt) + extra
                           + f"\n\n![{c.title}]({link.as_posix()})\n")
     everything = table_rows(grid, base, arms, tuple(a.name for a in grid.arms), grid.eval_ks, n_per_prompt)
     blocks["all"] = everything + "\n"
@@ -243,6 +264,7 @@ def write_report(grid: Grid) -> list[Path]:
               "", "## All arms", "", everything, ""]
     for c in comparisons:
         report += [f"## {c.title}", "", table_rows(grid, base, arms, c.arms, show_ks, n_per_prompt), "",
+                   equal_samples_line(arms, c.arms, n_per_prompt) if c.x == "samples" else "",
                    f"![{c.title}]({c.name}.png)", ""]
     (docs / "report.md").write_text("\n".join(report))
     written.append(docs / "report.md")

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def write_grid(path: Path, **changes) -> Path:
     grid = {"name": "g", "recipe": "recipes/tiny_cpu.yaml", "base": {"hf_dir": "x"}, "seeds": [1],
             "arms": {"a": {}, "b": {"overrides": {"algo.eps_high": 0.2}}},
-            "comparisons": {"ab": {"arms": ["a", "b"]}}, "eval": {"n_samples": 4, "ks": [1, 2]}}
+            "comparisons": {"ab": {"arms": ["a", "b"], "x": "samples"}}, "eval": {"n_samples": 4, "ks": [1, 2]}}
     grid.update(changes)
     path.write_text(yaml.safe_dump(grid))
     return path
@@ -83,6 +83,7 @@ def test_two_arm_grid_runs_reports_and_does_not_rerun(tiny_base, tmp_path):
     text = results.read_text()
     assert text.startswith("# results\n<!-- ablate:ab -->\n| arm |") and text.endswith("<!-- /ablate:ab -->\nour verdict\n")
     assert "| base model |" in text and "| a | 1 |" in text and "| b | 1 |" in text and "(docs/ab.png)" in text
+    assert "At equal cost — 0.1k generated samples" in text
     assert (tmp_path / "docs" / "ab.png").stat().st_size > 5000
 
     logs = {arm: (tmp_path / "runs" / arm / "seed1" / "train.log").stat().st_size for arm in ("a", "b")}
