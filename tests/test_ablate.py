@@ -82,8 +82,10 @@ def test_two_arm_grid_runs_reports_and_does_not_rerun(tiny_base, tmp_path):
         steps = [json.loads(line)["step"] for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
         assert max(steps) == 2
     text = results.read_text()
-    assert text.startswith("# results\n<!-- ablate:ab -->\n| arm |") and text.endswith("<!-- /ablate:ab -->\nour verdict\n")
-    assert "| base model |" in text and "| a | 1 |" in text and "| b | 1 |" in text and "(docs/ab.png)" in text
+    assert text.startswith("# results\n<!-- ablate:ab -->\n| arm |")
+    assert text.endswith("<!-- /ablate:ab -->\nour verdict\n")
+    assert "prompts with 0 of 4 right" in text and "| base model |" in text and "(docs/ab.png)" in text
+    assert "| a | 1 |" in text and "| b | 1 |" in text
     assert re.search(r"At equal cost — \d+\.\dk generated samples, .*: a [\d.]+ ± 0; b [\d.]+ ± 0\.", text), text
     assert (tmp_path / "docs" / "ab.png").stat().st_size > 5000
 
