@@ -98,6 +98,7 @@ def mean_std(values: list[float]) -> str:
     if not values:
         return "—"
     std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    std = std if std > 1e-9 * abs(float(np.mean(values))) else 0.0  # equal values: no rounding noise
     return f"{np.mean(values):.3g} ± {std:.2g}"
 
 
