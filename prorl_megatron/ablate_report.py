@@ -112,6 +112,13 @@ def unsolved(run: Run) -> int:
     return sum(p["correct"] == 0 for p in run.table["per_prompt"])
 
 
+def coverage_change(base: Run, run: Run) -> tuple[int, int]:
+    """(prompts the base never solved that ``run`` solved at least once, and the reverse)."""
+    pairs = list(zip(base.table["per_prompt"], run.table["per_prompt"]))
+    return (sum(b["correct"] == 0 < r["correct"] for b, r in pairs),
+            sum(r["correct"] == 0 < b["correct"] for b, r in pairs))
+
+
 def mean_of(run: Run, key: str) -> float:
     _, values = run.series(key)
     return float(values.mean()) if len(values) else float("nan")
@@ -160,7 +167,8 @@ def table_rows(grid: Grid, base: Optional[Run], arms: dict[str, list[Run]], name
     ki = [grid.eval_ks.index(k) for k in show_ks]
     target = grid.pass1_target_ratio * base.table["pass@1"] if base else None
     head = (["arm", "seeds"] + [f"pass@{k}" for k in show_ks]
-            + [f"prompts with 0 of {grid.eval_n} right", "upper-clipped tokens (mean)", "entropy (last 10)",
+            + [f"prompts with 0 of {grid.eval_n} right (vs base: +solved / −lost)", "upper-clipped tokens (mean)",
+               "entropy (last 10)",
                "KL to ref (last 10)", "samples generated (k)",
                f"samples to val pass@1 ≥ {target:.3f} (k)" if target else "samples to target"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -179,7 +187,10 @@ def table_rows(grid: Grid, base: Optional[Run], arms: dict[str, list[Run]], name
         reached = [x / 1000 for x in reach if x is not None]
         reach_cell = (mean_std(reached) + (f" ({len(reached)}/{len(runs)} reached)" if len(reached) < len(runs) else "")
                       if reached else f"not reached (0/{len(runs)})")
-        cells += [mean_std([unsolved(r) for r in runs]), mean_std([mean_of(r, "clip_frac_high") for r in runs]),
+        changed = np.array([coverage_change(base, r) for r in runs]) if base else None
+        coverage = mean_std([unsolved(r) for r in runs]) + (
+            f" (+{changed[:, 0].mean():.0f} / −{changed[:, 1].mean():.0f})" if base else "")
+        cells += [coverage, mean_std([mean_of(r, "clip_frac_high") for r in runs]),
                   mean_std([tail_mean(r, "entropy") for r in runs]), mean_std([tail_mean(r, "kl_ref") for r in runs]),
                   mean_std(total), reach_cell]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
