@@ -7,7 +7,9 @@ set of recipe overrides) and the comparisons the report draws (each a set of arm
     python -m prorl_megatron.ablate --grid recipes/ablations/add4.yaml          # run what is missing, report
     python -m prorl_megatron.ablate --grid recipes/ablations/add4.yaml --report # the report only
 
-Every run has its own directory ``{runs_dir}/{arm}/seed{seed}``: ``logs/metrics.jsonl``,
+Paths in a grid file (and in the recipes it names) are relative to the repository root.
+Every run has its own directory ``{runs_dir}/{arm}/seed{seed}``: ``overrides.json`` (what it
+was started with: a changed grid refuses to mix with it), ``logs/metrics.jsonl``,
 ``checkpoints/``, ``train.log`` and ``eval.json`` — pass@k of its last checkpoint on the
 validation prompts with ``eval.n_samples`` samples each, and each prompt's counts. A run with an
 ``eval.json`` is finished and never rerun; a killed run resumes from its last checkpoint. Runs go
@@ -118,6 +120,7 @@ def load_grid(path: str | Path) -> Grid:
     need(isinstance(data["arms"], dict) and data["arms"], "arms: a mapping of arm name -> {about, overrides}")
     arms = []
     for name, spec in data["arms"].items():
+        need(str(name) != "all", "arms.all: 'all' names the report's table of every arm; rename the arm")
         spec = spec or {}
         bad = sorted(set(spec) - {"about", "overrides"})
         need(not bad, f"arms.{name}: unknown key(s) {', '.join(bad)} (known: about, overrides)")
@@ -125,7 +128,10 @@ def load_grid(path: str | Path) -> Grid:
     names = {a.name for a in arms}
     comparisons = []
     for name, spec in (data.get("comparisons") or {}).items():
-        missing = [a for a in spec.get("arms", []) if a not in names]
+        need(isinstance(spec, dict) and spec.get("arms"), f"comparisons.{name}: {{title, arms: [...], x}} with arms")
+        bad = sorted(set(spec) - {"title", "arms", "x"})
+        need(not bad, f"comparisons.{name}: unknown key(s) {', '.join(bad)} (known: arms, title, x)")
+        missing = [a for a in spec["arms"] if a not in names]
         need(not missing, f"comparisons.{name}.arms: no arm named {', '.join(missing)}")
         need(spec.get("x", "step") in ("step", "samples"), f"comparisons.{name}.x: 'step' or 'samples'")
         comparisons.append(Comparison(str(name), str(spec.get("title", name)), tuple(spec["arms"]),
@@ -138,6 +144,7 @@ def load_grid(path: str | Path) -> Grid:
     bad = sorted(set(ev) - {"n_samples", "ks"})
     need(not bad, f"eval: unknown key(s) {', '.join(bad)} (known: n_samples, ks)")
     ks = tuple(int(k) for k in ev.get("ks", [1, 2, 4, 8, 16, 32, 64]))
+    need(bool(ks) and min(ks) >= 1, "eval.ks: a non-empty list of k >= 1")
     n = int(ev.get("n_samples", 2 * max(ks)))
     need(n >= 2 * max(ks), f"eval.n_samples: {n} < 2 x the largest k ({max(ks)}): pass@k would be too noisy")
     seeds = tuple(int(s) for s in data["seeds"])
@@ -170,14 +177,16 @@ def _run_logged(cmd: list[str], log_file: Path, env: dict[str, str]) -> None:
 
 
 def evaluate_into(grid: Grid, checkpoint: Path, out: Path, seed: int, env: dict[str, str], log_file: Path,
-                  extra: list[str] = ()) -> None:
+                  arm_overrides: dict[str, Any] | None = None) -> None:
     """pass@k of ``checkpoint`` on the recipe's validation prompts, with each prompt's counts,
-    written to ``out`` atomically (a present ``out`` is a finished evaluation)."""
+    written to ``out`` atomically (a present ``out`` is a finished evaluation). The arm's
+    overrides apply (a staged run's checkpoint needs its stage list); the evaluation's own
+    settings win over them."""
     tmp = out.with_suffix(".json.tmp")
+    overrides = {**grid.common, **(arm_overrides or {}), "seed": seed, "eval.n_samples": grid.eval_n,
+                 "eval.ks": list(grid.eval_ks), "logging.dir": str(out.parent / "eval_logs")}
     cmd = [*_torchrun(grid.procs_per_run), "-m", "prorl_megatron.eval", "--recipe", grid.recipe,
-           "--checkpoint", str(checkpoint), "--out", str(tmp), "--per-prompt",
-           *override_args({**grid.common, "seed": seed, "eval.n_samples": grid.eval_n, "eval.ks": list(grid.eval_ks),
-                           "logging.dir": str(out.parent / "eval_logs")}), *extra]
+           "--checkpoint", str(checkpoint), "--out", str(tmp), "--per-prompt", *override_args(overrides)]
     _run_logged(cmd, log_file, env)
     os.replace(tmp, out)
 
@@ -185,20 +194,24 @@ def evaluate_into(grid: Grid, checkpoint: Path, out: Path, seed: int, env: dict[
 def run_arm(grid: Grid, arm: Arm, seed: int, env: dict[str, str]) -> str:
     """Train ``arm`` with ``seed`` (resuming a killed run) and evaluate its last checkpoint."""
     run = grid.run_dir(arm.name, seed)
+    started_with = {"recipe": grid.recipe, "overrides": override_args({**grid.common, **arm.overrides}), "seed": seed}
+    record = run / "overrides.json"
+    if record.is_file() and json.loads(record.read_text()) != started_with:
+        raise RuntimeError(f"{run}: started with other settings ({record}) than the grid now gives; "
+                           "delete the directory to run it afresh")
     if (run / "eval.json").is_file():
         return f"{arm.name} seed {seed}: finished earlier"
     run.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(started_with, indent=1) + "\n")
     start = time.time()
-    arm_args = override_args({**grid.common, **arm.overrides})
+    arm_args = started_with["overrides"]
     paths = override_args({"seed": seed, "checkpoint.dir": str(run / "checkpoints"), "logging.dir": str(run / "logs")})
     _run_logged([*_torchrun(grid.procs_per_run), "-m", "prorl_megatron.train", "--recipe", grid.recipe,
                  *arm_args, *paths], run / "train.log", env)
-    # the arm's overrides apply to the evaluation too (a stage list is needed to read a staged run's
-    # checkpoint); the evaluation's own settings come last and win
     last = find_checkpoint(run / "checkpoints", "auto")
     if last is None:
         raise RuntimeError(f"{run / 'checkpoints'}: training ended without a checkpoint")
-    evaluate_into(grid, last, run / "eval.json", seed, env, run / "train.log", extra=override_args(arm.overrides))
+    evaluate_into(grid, last, run / "eval.json", seed, env, run / "train.log", arm_overrides=arm.overrides)
     return f"{arm.name} seed {seed}: {time.time() - start:.0f} s"
 
 
@@ -243,10 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        grid = load_grid(args.grid)
+        grid = load_grid(Path(args.grid).resolve())
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    os.chdir(ROOT)  # the grid's and its recipes' relative paths are the repository's
     failures = []
     if not args.report:
         jobs = args.jobs or max(1, (os.cpu_count() or 1) // grid.procs_per_run)

@@ -6,7 +6,8 @@ samples; policy entropy and KL to the reference against steps) and a markdown ta
 go to ``{docs_dir}/report.md``, and into the grid's ``results_md`` between the lines
 ``<!-- ablate:NAME -->`` and ``<!-- /ablate:NAME -->`` (the text around them is kept).
 
-Figures are means over seeds with the seeds' min-max as a band. In tables a cell is
+Figures are means over seeds; the curves' bands are the seeds' min-max, the pass@k panel's the
+bootstrap interval below. In tables a cell is
 ``mean ± std`` over seeds; a pass@k cell adds ``[lo, hi]``, the 95% bootstrap interval over
 prompts (prompts resampled with replacement, the same resample for every seed of an arm, pass@k
 averaged over prompts and then over seeds). pass@k per prompt is the unbiased estimator
@@ -35,22 +36,27 @@ TAIL_STEPS = 10  # "final" entropy / KL: the mean of a run's last this many step
 
 @dataclass
 class Run:
-    """One finished run: its pass@k per prompt [P, K] and its metrics rows."""
+    """One finished run: its pass@k per prompt [P, K], its metrics rows and ``rollout.n``."""
 
     arm: str
     seed: int
     passk: np.ndarray
     table: dict[str, Any]
     metrics: list[dict[str, Any]]
+    n_per_prompt: int = 0
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         rows = [m for m in self.metrics if key in m]
         return np.array([m["step"] for m in rows]), np.array([m[key] for m in rows], dtype=float)
 
-    def generated_samples(self, n_per_prompt: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cumulative samples the rollouts generated, by step (dynamic sampling's extra rounds included)."""
+    def generated_samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """Cumulative samples the rollouts generated, by step (dynamic sampling's extra rounds
+        included; not validation samples, nor steps a health rollback discarded)."""
         steps, prompts = self.series("sampling/prompts")
-        return steps, np.cumsum(prompts) * n_per_prompt
+        return steps, np.cumsum(prompts) * self.n_per_prompt
+
+    def total_generated(self) -> float:
+        return float(self.generated_samples()[1][-1]) if self.series("sampling/prompts")[0].size else math.nan
 
 
 def per_prompt_passk(table: dict[str, Any], ks: tuple[int, ...]) -> np.ndarray:
@@ -59,7 +65,8 @@ def per_prompt_passk(table: dict[str, Any], ks: tuple[int, ...]) -> np.ndarray:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """A run's metrics rows; a resumed run's repeated steps keep their last row."""
+    """A run's metrics rows, one per step: rows of the same step (a resumed run repeats steps)
+    are merged, later values winning."""
     by_step: dict[int, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         if line.strip():
@@ -70,17 +77,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def load_runs(grid: Grid) -> tuple[Optional[Run], dict[str, list[Run]]]:
     """The base model's evaluation (as a run without metrics) and each arm's finished runs."""
-    def load(directory: Path, arm: str, seed: int) -> Optional[Run]:
+    from prorl_megatron.ablate import override_args
+    from prorl_megatron.config import load_recipe
+
+    def load(directory: Path, arm: str, seed: int, n_per_prompt: int = 0) -> Optional[Run]:
         ev = directory / "eval.json"
         if not ev.is_file():
             return None
         table = json.loads(ev.read_text())
         metrics_file = directory / "logs" / "metrics.jsonl"
         metrics = read_metrics(metrics_file) if metrics_file.is_file() else []
-        return Run(arm, seed, per_prompt_passk(table, grid.eval_ks), table, metrics)
+        return Run(arm, seed, per_prompt_passk(table, grid.eval_ks), table, metrics, n_per_prompt)
 
     base = load(Path(grid.runs_dir) / "base", "base", grid.seeds[0])
-    arms = {a.name: [r for s in grid.seeds if (r := load(grid.run_dir(a.name, s), a.name, s))] for a in grid.arms}
+    arms = {}
+    for a in grid.arms:
+        n = load_recipe(grid.recipe, override_args({**grid.common, **a.overrides})).rollout.n
+        arms[a.name] = [r for s in grid.seeds if (r := load(grid.run_dir(a.name, s), a.name, s, n))]
     return base, arms
 
 
@@ -114,6 +127,8 @@ def unsolved(run: Run) -> int:
 
 def coverage_change(base: Run, run: Run) -> tuple[int, int]:
     """(prompts the base never solved that ``run`` solved at least once, and the reverse)."""
+    if len(base.table["per_prompt"]) != len(run.table["per_prompt"]):
+        raise ValueError(f"{run.arm} seed {run.seed}: evaluated on other prompts than the base model")
     pairs = list(zip(base.table["per_prompt"], run.table["per_prompt"]))
     return (sum(b["correct"] == 0 < r["correct"] for b, r in pairs),
             sum(r["correct"] == 0 < b["correct"] for b, r in pairs))
@@ -129,32 +144,32 @@ def reset_steps(run: Run) -> list[int]:
     return [int(s) for s in run.series("reset")[0]]
 
 
-def samples_to_reach(run: Run, target: float, n_per_prompt: int) -> Optional[float]:
+def samples_to_reach(run: Run, target: float) -> Optional[float]:
     """Generated samples up to the first evaluation at which validation pass@1 >= ``target``."""
     steps, pass1 = run.series("val/pass@1")
-    gen_steps, generated = run.generated_samples(n_per_prompt)
+    gen_steps, generated = run.generated_samples()
     for step, value in zip(steps, pass1):
         if step > 0 and value >= target:
             return float(generated[gen_steps <= step][-1]) if (gen_steps <= step).any() else 0.0
     return None
 
 
-def val_curve_by_samples(run: Run, n_per_prompt: int) -> tuple[np.ndarray, np.ndarray]:
+def val_curve_by_samples(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """Validation pass@1 against the samples generated before each evaluation."""
     steps, pass1 = run.series("val/pass@1")
-    gen_steps, generated = run.generated_samples(n_per_prompt)
+    gen_steps, generated = run.generated_samples()
     return np.interp(steps, gen_steps, generated, left=0.0), pass1
 
 
-def equal_samples_line(arms: dict[str, list[Run]], names: tuple[str, ...], n_per_prompt: int) -> str:
+def equal_samples_line(arms: dict[str, list[Run]], names: tuple[str, ...]) -> str:
     """Each arm's validation pass@1 (interpolated) at the sample count the thriftiest run reached."""
     runs = [r for name in names for r in arms.get(name, []) if r.metrics]
     if not runs:
         return ""
-    budget = min(float(r.generated_samples(n_per_prompt)[1][-1]) for r in runs)
+    budget = min(r.total_generated() for r in runs)
     cells = []
     for name in names:
-        values = [float(np.interp(budget, *val_curve_by_samples(r, n_per_prompt)))
+        values = [float(np.interp(budget, *val_curve_by_samples(r)))
                   for r in arms.get(name, []) if r.metrics]
         cells.append(f"{name} {mean_std(values)}")
     return (f"At equal cost — {budget / 1000:.1f}k generated samples, the fewest any run here generated — "
@@ -162,7 +177,7 @@ def equal_samples_line(arms: dict[str, list[Run]], names: tuple[str, ...], n_per
 
 
 def table_rows(grid: Grid, base: Optional[Run], arms: dict[str, list[Run]], names: tuple[str, ...],
-               show_ks: tuple[int, ...], n_per_prompt: int) -> str:
+               show_ks: tuple[int, ...]) -> str:
     """The markdown table of ``names`` (and the base model)."""
     ki = [grid.eval_ks.index(k) for k in show_ks]
     target = grid.pass1_target_ratio * base.table["pass@1"] if base else None
@@ -170,7 +185,7 @@ def table_rows(grid: Grid, base: Optional[Run], arms: dict[str, list[Run]], name
             + [f"prompts with 0 of {grid.eval_n} right (vs base: +solved / −lost)", "upper-clipped tokens (mean)",
                "entropy (last 10)",
                "KL to ref (last 10)", "samples generated (k)",
-               f"samples to val pass@1 ≥ {target:.3f} (k)" if target else "samples to target"])
+               f"samples to val pass@1 ≥ {target:.4f} (k)" if target else "samples to target"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if base:
         cells = [f"{base.passk[:, i].mean():.3f}" for i in ki]
@@ -182,8 +197,8 @@ def table_rows(grid: Grid, base: Optional[Run], arms: dict[str, list[Run]], name
             continue
         lo, hi = bootstrap_interval(runs)
         cells = [f"{mean_std([float(r.passk[:, i].mean()) for r in runs])} [{lo[i]:.3f}, {hi[i]:.3f}]" for i in ki]
-        total = [float(r.generated_samples(n_per_prompt)[1][-1]) / 1000 for r in runs if r.metrics]
-        reach = [samples_to_reach(r, target, n_per_prompt) if target else None for r in runs]
+        total = [r.total_generated() / 1000 for r in runs if r.metrics]
+        reach = [samples_to_reach(r, target) if target else None for r in runs]
         reached = [x / 1000 for x in reach if x is not None]
         reach_cell = (mean_std(reached) + (f" ({len(reached)}/{len(runs)} reached)" if len(reached) < len(runs) else "")
                       if reached else f"not reached (0/{len(runs)})")
@@ -210,7 +225,7 @@ def band(ax, xs: list[np.ndarray], ys: list[np.ndarray], label: str, color: Any)
 
 
 def plot_comparison(grid: Grid, base: Optional[Run], arms: dict[str, list[Run]], names: tuple[str, ...],
-                    x_axis: str, title: str, out: Path, n_per_prompt: int) -> None:
+                    x_axis: str, title: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +247,7 @@ def plot_comparison(grid: Grid, base: Optional[Run], arms: dict[str, list[Run]],
         axes[0].fill_between(ks, lo, hi, color=color, alpha=0.18, lw=0)
         val = [r.series("val/pass@1") for r in runs]
         if x_axis == "samples":
-            xs = [val_curve_by_samples(r, n_per_prompt)[0] / 1000 for r in runs]
+            xs = [val_curve_by_samples(r)[0] / 1000 for r in runs]
         else:
             xs = [s for s, _ in val]
         band(axes[1], xs, [v for _, v in val], name, color)
@@ -265,9 +280,6 @@ def fill_blocks(text: str, blocks: dict[str, str]) -> str:
 def write_report(grid: Grid) -> list[Path]:
     """Write the figures and ``report.md`` to ``grid.docs_dir`` (and fill ``grid.results_md``);
     returns the files written."""
-    from prorl_megatron.config import load_recipe
-
-    n_per_prompt = load_recipe(grid.recipe).rollout.n
     base, arms = load_runs(grid)
     docs = Path(grid.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
@@ -277,21 +289,21 @@ def write_report(grid: Grid) -> list[Path]:
     results_dir = Path(grid.results_md).parent if grid.results_md else docs
     for c in comparisons:
         figure = docs / f"{c.name}.png"
-        plot_comparison(grid, base, arms, c.arms, c.x, c.title, figure, n_per_prompt)
+        plot_comparison(grid, base, arms, c.arms, c.x, c.title, figure)
         written.append(figure)
         link = Path(os.path.relpath(figure.resolve(), results_dir.resolve()))
-        extra = f"\n\n{equal_samples_line(arms, c.arms, n_per_prompt)}" if c.x == "samples" else ""
-        blocks[c.name] = (table_rows(grid, base, arms, c.arms, show_ks, n_per_prompt) + extra
+        extra = f"\n\n{equal_samples_line(arms, c.arms)}" if c.x == "samples" else ""
+        blocks[c.name] = (table_rows(grid, base, arms, c.arms, show_ks) + extra
                           + f"\n\n![{c.title}]({link.as_posix()})\n")
-    everything = table_rows(grid, base, arms, tuple(a.name for a in grid.arms), grid.eval_ks, n_per_prompt)
+    everything = table_rows(grid, base, arms, tuple(a.name for a in grid.arms), grid.eval_ks)
     blocks["all"] = everything + "\n"
     report = [f"# Ablation grid `{grid.name}` (generated by `python -m prorl_megatron.ablate --grid ... --report`)", "",
               f"Recipe `{grid.recipe}`, seeds {list(grid.seeds)}, "
               f"pass@k from {grid.eval_n} samples per held-out prompt.",
               "", "## All arms", "", everything, ""]
     for c in comparisons:
-        report += [f"## {c.title}", "", table_rows(grid, base, arms, c.arms, show_ks, n_per_prompt), "",
-                   equal_samples_line(arms, c.arms, n_per_prompt) if c.x == "samples" else "",
+        report += [f"## {c.title}", "", table_rows(grid, base, arms, c.arms, show_ks), "",
+                   equal_samples_line(arms, c.arms) if c.x == "samples" else "",
                    f"![{c.title}]({c.name}.png)", ""]
     (docs / "report.md").write_text("\n".join(report))
     written.append(docs / "report.md")

@@ -12,15 +12,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+import numpy as np
+
 from prorl_megatron.ablate import GridError, load_grid
-from prorl_megatron.ablate_report import fill_blocks
+from prorl_megatron.ablate_report import (Run, bootstrap_interval, coverage_change, equal_samples_line, fill_blocks,
+                                          samples_to_reach)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_grid(path: Path, **changes) -> Path:
     grid = {"name": "g", "recipe": "recipes/tiny_cpu.yaml", "base": {"hf_dir": "x"}, "seeds": [1],
-            "arms": {"a": {}, "b": {"overrides": {"algo.eps_high": 0.2}}},
+            "arms": {"a": {}, "b": {"overrides": {"algo.eps_high": 0.2, "eval.n_samples": 3}}},
             "comparisons": {"ab": {"arms": ["a", "b"], "x": "samples"}}, "eval": {"n_samples": 4, "ks": [1, 2]}}
     grid.update(changes)
     path.write_text(yaml.safe_dump(grid))
@@ -44,13 +47,52 @@ def test_shipped_grid_arms_make_valid_recipes():
     from prorl_megatron.config import load_recipe
 
     grid = load_grid(ROOT / "recipes" / "ablations" / "add4.yaml")
-    assert len(grid.seeds) >= 3 and grid.eval_n >= 2 * max(grid.eval_ks) and max(grid.eval_ks) >= 64
+    assert len(grid.seeds) >= 3 and max(grid.eval_ks) >= 64
     recipes = {a.name: load_recipe(ROOT / grid.recipe, override_args(a.overrides)) for a in grid.arms}
     assert (recipes["prorl"].algo.eps_high, recipes["clip-0.2-0.2"].algo.eps_high) == (0.4, 0.2)
     assert recipes["no-kl"].algo.kl_coef == 0 and recipes["prorl"].algo.kl_coef >= 0.01
     assert recipes["kl-no-reset"].reset.every_n_steps is None and recipes["prorl"].reset.every_n_steps
     assert not recipes["no-dynamic-sampling"].algo.dynamic_sampling and recipes["prorl"].algo.dynamic_sampling
     assert len(recipes["staged"].stages) >= 2
+
+
+def synthetic_run(arm: str, val: dict[int, float], prompts_per_step: int, steps: int = 4) -> Run:
+    metrics = [{"step": 0, "val/pass@1": val.get(0, 0.0)}]
+    metrics += [{"step": s, "sampling/prompts": prompts_per_step, **({"val/pass@1": val[s]} if s in val else {})}
+                for s in range(1, steps + 1)]
+    return Run(arm, 1, np.zeros((1, 1)), {}, metrics, n_per_prompt=8)
+
+
+def test_samples_to_reach_and_equal_cost_read_the_sample_count_at_each_evaluation():
+    thrifty = synthetic_run("off", {0: 0.1, 2: 0.2, 4: 0.3}, prompts_per_step=1)  # 8, 16, 24, 32 samples
+    costly = synthetic_run("on", {0: 0.1, 2: 0.3, 4: 0.5}, prompts_per_step=2)  # 16, 32, 48, 64 samples
+    assert samples_to_reach(costly, 0.3) == 32 and samples_to_reach(thrifty, 0.3) == 32
+    assert samples_to_reach(thrifty, 0.31) is None
+    # at 32 samples (the thrifty run's total): off has 0.3, on has 0.3 (its step-2 evaluation)
+    line = equal_samples_line({"off": [thrifty], "on": [costly]}, ("off", "on"))
+    assert "off 0.3 ± 0; on 0.3 ± 0." in line
+    # at 24 samples: off interpolates between 16 (0.2) and 32 (0.3) -> 0.25; on between 0 and 32 -> 0.25
+    shorter = synthetic_run("off", {0: 0.1, 2: 0.2, 3: 0.25}, prompts_per_step=1, steps=3)
+    assert "off 0.25 ± 0; on 0.25 ± 0." in equal_samples_line({"off": [shorter], "on": [costly]}, ("off", "on"))
+
+
+def test_bootstrap_interval_covers_the_seed_mean_and_collapses_on_equal_prompts():
+    rng = np.random.default_rng(0)
+    runs = [Run("a", s, rng.uniform(size=(200, 2)), {}, []) for s in range(3)]
+    lo, hi = bootstrap_interval(runs)
+    mean = np.mean([r.passk.mean(axis=0) for r in runs], axis=0)
+    assert np.all(lo < mean) and np.all(mean < hi) and np.all(hi - lo < 0.1)
+    flat = [Run("a", s, np.full((50, 2), 0.25 * (s + 1)), {}, []) for s in range(2)]
+    lo, hi = bootstrap_interval(flat)
+    assert np.allclose(lo, 0.375) and np.allclose(hi, 0.375)
+
+
+def test_coverage_change_counts_prompts_gained_and_lost():
+    def run(correct):
+        return Run("a", 1, np.zeros((len(correct), 1)), {"per_prompt": [{"n": 4, "correct": c} for c in correct]}, [])
+    assert coverage_change(run([0, 0, 2, 1, 0]), run([1, 0, 0, 3, 2])) == (2, 1)
+    with pytest.raises(ValueError, match="other prompts"):
+        coverage_change(run([0, 1]), run([0]))
 
 
 def test_report_blocks_replace_only_their_body():
@@ -70,13 +112,14 @@ def test_two_arm_grid_runs_reports_and_does_not_rerun(tiny_base, tmp_path):
                 "checkpoint.every_n_steps": 0, "reset.every_n_steps": None, "eval.n_samples": 2, "eval.ks": [1, 2]})
     cmd = [sys.executable, "-m", "prorl_megatron.ablate", "--grid", str(grid)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    # started elsewhere than the repository: the grid's recipe path is the repository's
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
     for arm in ("a", "b"):
         run = tmp_path / "runs" / arm / "seed1"
         table = json.loads((run / "eval.json").read_text())
-        counts = table["per_prompt"]
+        counts = table["per_prompt"]  # the grid's 4 samples, not arm b's eval.n_samples
         assert len(counts) == 256 and all(p["n"] == 4 for p in counts)
         assert sum(p["correct"] for p in counts) / (4 * 256) == pytest.approx(table["pass@1"])
         steps = [json.loads(line)["step"] for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -94,3 +137,8 @@ def test_two_arm_grid_runs_reports_and_does_not_rerun(tiny_base, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "a seed 1: finished earlier" in again.stderr and "b seed 1: finished earlier" in again.stderr
     assert logs == {arm: (tmp_path / "runs" / arm / "seed1" / "train.log").stat().st_size for arm in ("a", "b")}
+
+    # a changed arm is not mixed with the run it made before
+    write_grid(grid, **{**yaml.safe_load(grid.read_text()), "arms": {"a": {}, "b": {"overrides": {"algo.eps_high": 0.3}}}})
+    changed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 1 and "b seed 1: " in changed.stderr and "started with other settings" in changed.stderr
