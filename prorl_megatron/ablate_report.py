@@ -28,6 +28,7 @@ import numpy as np
 
 from prorl_megatron.ablate import Grid
 from prorl_megatron.algo.sampling import pass_at_k
+from prorl_megatron.metrics import read_jsonl, series
 
 BOOTSTRAP_RESAMPLES = 2000
 CURVE_KEYS = ("entropy", "kl_ref")
@@ -46,8 +47,8 @@ class Run:
     n_per_prompt: int = 0
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = [m for m in self.metrics if key in m]
-        return np.array([m["step"] for m in rows]), np.array([m[key] for m in rows], dtype=float)
+        steps, values = series(self.metrics, key)
+        return np.array(steps), np.array(values, dtype=float)
 
     def generated_samples(self) -> tuple[np.ndarray, np.ndarray]:
         """Cumulative samples the rollouts generated, by step (dynamic sampling's extra rounds
@@ -64,17 +65,6 @@ def per_prompt_passk(table: dict[str, Any], ks: tuple[int, ...]) -> np.ndarray:
     return np.array([[pass_at_k(p["n"], p["correct"], k) for k in ks] for p in table["per_prompt"]])
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """A run's metrics rows, one per step: rows of the same step (a resumed run repeats steps)
-    are merged, later values winning."""
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step.setdefault(row["step"], {}).update(row)
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def load_runs(grid: Grid) -> tuple[Optional[Run], dict[str, list[Run]]]:
     """The base model's evaluation (as a run without metrics) and each arm's finished runs."""
     from prorl_megatron.ablate import override_args
@@ -86,7 +76,7 @@ def load_runs(grid: Grid) -> tuple[Optional[Run], dict[str, list[Run]]]:
             return None
         table = json.loads(ev.read_text())
         metrics_file = directory / "logs" / "metrics.jsonl"
-        metrics = read_metrics(metrics_file) if metrics_file.is_file() else []
+        metrics = read_jsonl(metrics_file) if metrics_file.is_file() else []
         return Run(arm, seed, per_prompt_passk(table, grid.eval_ks), table, metrics, n_per_prompt)
 
     base = load(Path(grid.runs_dir) / "base", "base", grid.seeds[0])

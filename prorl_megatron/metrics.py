@@ -50,6 +50,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def series(records: list[dict[str, Any]], name: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of metric ``name`` over the step records that have a number for it (events skipped)."""
+    points = [(r["step"], r[name]) for r in records if "event" not in r and isinstance(r.get(name), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
 def stop_signal_lead_s(records: list[dict[str, Any]], margin: float = 1.5, floor_s: int = 300) -> int:
     """Seconds before a time limit the stop signal must come so that the checkpoint is on disk
     in time (Slurm's ``--signal=USR1@N``), from a run's measured phase times.

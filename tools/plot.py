@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prorl_megatron.metrics import METRICS_FILE, read_jsonl, stop_signal_lead_s  # noqa: E402
+from prorl_megatron.metrics import METRICS_FILE, read_jsonl, series, stop_signal_lead_s  # noqa: E402
 
 PANELS = {  # file name -> metrics drawn together
     "reward": ["reward/mean", "val/pass@1"],
@@ -30,11 +30,6 @@ PANELS = {  # file name -> metrics drawn together
     "grad_norm": ["grad_norm"],
     "time": ["time/rollout", "time/reward", "time/logprob", "time/update", "time/sync", "time/checkpoint"],
 }
-
-
-def series(records: list[dict], name: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[name]) for r in records if "event" not in r and isinstance(r.get(name), (int, float))]
-    return [p[0] for p in points], [p[1] for p in points]
 
 
 def stage_spans(records: list[dict]) -> list[tuple[str, int, int]]:
