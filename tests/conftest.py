@@ -1,5 +1,4 @@
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +7,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from tests import procs  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,8 +31,7 @@ def pytest_collection_modifyitems(config, items):
 def tiny_base(tmp_path_factory) -> Path:
     """The demo's base model, warmed up only to 10% greedy accuracy (enough reward signal)."""
     out = tmp_path_factory.mktemp("tiny-base") / "hf"
-    done = subprocess.run([sys.executable, "-m", "prorl_megatron.demo.tiny_base", "--out", str(out), "--target", "0.1"],
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=900)
+    done = procs.run([sys.executable, "-m", "prorl_megatron.demo.tiny_base", "--out", str(out), "--target", "0.1"],
+                     timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 from prorl_megatron.ablate import GridError, load_grid
 from prorl_megatron.ablate_report import (Run, bootstrap_interval, coverage_change, equal_samples_line, fill_blocks,
                                           samples_to_reach)
+
+from tests import procs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,7 +114,7 @@ def test_two_arm_grid_runs_reports_and_does_not_rerun(tiny_base, tmp_path):
     cmd = [sys.executable, "-m", "prorl_megatron.ablate", "--grid", str(grid)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # started elsewhere than the repository: the grid's recipe path is the repository's
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    done = procs.run(cmd, timeout=900, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
     for arm in ("a", "b"):
@@ -133,12 +134,12 @@ def test_two_arm_grid_runs_reports_and_does_not_rerun(tiny_base, tmp_path):
     assert (tmp_path / "docs" / "ab.png").stat().st_size > 5000
 
     logs = {arm: (tmp_path / "runs" / arm / "seed1" / "train.log").stat().st_size for arm in ("a", "b")}
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = procs.run(cmd, timeout=300, cwd=ROOT, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "a seed 1: finished earlier" in again.stderr and "b seed 1: finished earlier" in again.stderr
     assert logs == {arm: (tmp_path / "runs" / arm / "seed1" / "train.log").stat().st_size for arm in ("a", "b")}
 
     # a changed arm is not mixed with the run it made before
     write_grid(grid, **{**yaml.safe_load(grid.read_text()), "arms": {"a": {}, "b": {"overrides": {"algo.eps_high": 0.3}}}})
-    changed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    changed = procs.run(cmd, timeout=300, cwd=ROOT, env=env)
     assert changed.returncode == 1 and "b seed 1: " in changed.stderr and "started with other settings" in changed.stderr

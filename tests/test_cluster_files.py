@@ -1,8 +1,9 @@
 """The cluster files hang together: shell syntax, and what the Slurm script and image must do."""
 
 import re
-import subprocess
 from pathlib import Path
+
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = (ROOT / "slurm" / "prorl_1p5b.sh").read_text()
@@ -11,7 +12,7 @@ SCRIPT = (ROOT / "slurm" / "prorl_1p5b.sh").read_text()
 def test_shell_scripts_parse():
     for path in ["slurm/prorl_1p5b.sh", "scripts/install.sh", "scripts/setup_env.sh", "scripts/demo.sh",
                  "scripts/test.sh", ".ci/run"]:
-        out = subprocess.run(["bash", "-n", str(ROOT / path)], capture_output=True, text=True)
+        out = procs.run(["bash", "-n", str(ROOT / path)], timeout=300)
         assert out.returncode == 0, f"{path}: {out.stderr}"
 
 
@@ -32,5 +33,5 @@ def test_image_is_built_by_the_install_script_ci_runs():
     assert "scripts/install.sh\" cpu" in (ROOT / "scripts" / "setup_env.sh").read_text()
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "runs", ".git"} <= set(ignored)
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "sideways"], capture_output=True, text=True)
+    out = procs.run(["bash", str(ROOT / "scripts" / "install.sh"), "sideways"], timeout=300)
     assert out.returncode == 2 and "usage" in out.stderr

@@ -1,4 +1,3 @@
-import subprocess
 import sys
 from pathlib import Path
 
@@ -6,6 +5,7 @@ import pytest
 import yaml
 
 from prorl_megatron import config as C
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -127,13 +127,13 @@ def test_bad_files(tmp_path):
 
 
 def test_cli_print_config_and_errors():
-    out = subprocess.run([sys.executable, "-m", "prorl_megatron.config", "--recipe", "recipes/tiny_cpu.yaml",
-                          "--print-config", "algo.eps_high=0.28"], cwd=ROOT, capture_output=True, text=True)
+    out = procs.run([sys.executable, "-m", "prorl_megatron.config", "--recipe", "recipes/tiny_cpu.yaml",
+                     "--print-config", "algo.eps_high=0.28"], timeout=300)
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     assert printed["algo"]["eps_high"] == 0.28 and printed["name"] == "tiny-cpu"
-    bad = subprocess.run([sys.executable, "-m", "prorl_megatron.config", "--recipe", "recipes/tiny_cpu.yaml",
-                          "algo.eps_hgih=0.3"], cwd=ROOT, capture_output=True, text=True)
+    bad = procs.run([sys.executable, "-m", "prorl_megatron.config", "--recipe", "recipes/tiny_cpu.yaml",
+                     "algo.eps_hgih=0.3"], timeout=300)
     assert bad.returncode == 2 and "did you mean 'algo.eps_high'" in bad.stderr
 
 

@@ -4,13 +4,13 @@ import ast
 import importlib
 import inspect
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from prorl_megatron import cpu_patches
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_REFERENCE = re.compile(r"torch\.cuda\.|[\"']cuda[\"']|\.cuda\(\)")
@@ -35,7 +35,7 @@ def test_patch_target_exists_and_still_needs_the_patch(patch):
 
 
 def run_python(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = procs.run([sys.executable, "-c", code], timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 

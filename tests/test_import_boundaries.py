@@ -1,9 +1,11 @@
 """The architecture's import rules, checked on the source and in a clean interpreter."""
 
 import ast
-import subprocess
 import sys
 from pathlib import Path
+
+from tests import procs
+
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "prorl_megatron"
@@ -62,6 +64,6 @@ loaded = sorted(m for m in sys.modules if m.startswith(("megatron", "vllm", "tra
 assert not loaded, loaded
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    out = procs.run([sys.executable, "-c", code], timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

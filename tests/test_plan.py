@@ -9,7 +9,6 @@ within 25%. The 100M-parameter cases take about a minute each on two cores (mark
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from prorl_megatron.config import ConfigError, load_recipe
 from prorl_megatron.models.architectures import model_dims
 from prorl_megatron.plan import GIB, H100_80GB, KNOBS, check_fits, estimate, local_processes, main, plan_table
+from tests import procs
 from tests.megatron.conftest import ROOT, env
 
 TINY = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -40,8 +40,8 @@ CASES = {  # name: (shape, dtype, recompute, rows, seq, logprob chunk, also the 
 
 def measure(shape, dtype, recompute, rows, seq, chunk, logprobs) -> dict:
     spec = dict(shape=shape, dtype=dtype, recompute=recompute, rows=rows, seq=seq, chunk=chunk, logprobs=logprobs)
-    out = subprocess.run([sys.executable, "-m", "tests.plan_worker", json.dumps(spec)], cwd=ROOT,
-                         env={**env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=600)
+    out = procs.run([sys.executable, "-m", "tests.plan_worker", json.dumps(spec)], timeout=600,
+                    env={**env(), "OMP_NUM_THREADS": "2"})
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, (out.stdout + out.stderr)[-5000:]
     return json.loads(lines[-1][len("RESULT "):])
@@ -92,10 +92,9 @@ def tiny_hf(tmp_path_factory):
 
 
 def test_cli_prints_the_table_for_the_1p5b_recipe(qwen_1p5b):
-    out = subprocess.run([sys.executable, "-m", "prorl_megatron.plan", "--recipe", "recipes/prorl_1p5b.yaml",
-                          "--world-size", "32", "--hf-config", str(qwen_1p5b),
-                          "train.max_tokens_per_micro_batch=18432", "train.distributed_optimizer=true"],
-                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    out = procs.run([sys.executable, "-m", "prorl_megatron.plan", "--recipe", "recipes/prorl_1p5b.yaml",
+                     "--world-size", "32", "--hf-config", str(qwen_1p5b),
+                     "train.max_tokens_per_micro_batch=18432", "train.distributed_optimizer=true"], timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     for needle in ("Memory plan for prorl-1p5b", "TP 1 x PP 1 x DP 32", "policy weights (1.78B params, bfloat16)",

@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-from tests.megatron.conftest import ROOT, env
+from tests import procs
+from tests.megatron.conftest import env
 
 SCRIPT = textwrap.dedent("""
     import logging, os, sys, warnings
@@ -30,9 +31,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def routed(tmp_path, rank: int, crash: bool = False) -> tuple[subprocess.CompletedProcess, str]:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), "crash" if crash else "ok"], cwd=ROOT,
-                         env={**env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"},
-                         capture_output=True, text=True, timeout=120)
+    out = procs.run([sys.executable, "-c", SCRIPT, str(tmp_path), "crash" if crash else "ok"], timeout=120,
+                    env={**env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"})
     return out, (tmp_path / "train.log").read_text()
 
 

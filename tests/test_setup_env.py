@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import procs
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ["bash", "sh", "env", "mktemp", "rm", "cat", "dirname"]  # what the scripts themselves run
 STUBS = ["gcc", "bwrap", "ps", "munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo"]
@@ -42,9 +44,8 @@ def bin_dir():
 def check(bin_dir: Path, needs: str, *, user: bool = False, **env: str) -> subprocess.CompletedProcess:
     """Run the check for ``needs`` with only ``bin_dir`` on PATH; ``user``: as nobody."""
     prefix = [shutil.which("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups"] if user and IS_ROOT else []
-    return subprocess.run([*prefix, shutil.which("bash"), str(bin_dir / "system_packages.sh"), needs],
-                          env={"PATH": str(bin_dir), "HOME": str(bin_dir), **env}, cwd=bin_dir,
-                          capture_output=True, text=True, timeout=60)
+    return procs.run([*prefix, shutil.which("bash"), str(bin_dir / "system_packages.sh"), needs], timeout=60,
+                     env={"PATH": str(bin_dir), "HOME": str(bin_dir), **env}, cwd=bin_dir)
 
 
 def test_everything_present_passes_silently(bin_dir):
@@ -133,8 +134,8 @@ def test_readme_command_stops_before_making_the_venv(bin_dir, tmp_path):
     (bin_dir / "bwrap").unlink()
     stub(bin_dir / "apt-get")
     venv = tmp_path / "venv"
-    out = subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "test.sh"), "--co"],
-                         env={"PATH": str(bin_dir), "HOME": str(tmp_path), "PRORL_VENV": str(venv),
-                              "PRORL_NO_SYSTEM_INSTALL": "1"}, capture_output=True, text=True, timeout=60)
+    out = procs.run([shutil.which("bash"), str(ROOT / "scripts" / "test.sh"), "--co"], timeout=60,
+                    env={"PATH": str(bin_dir), "HOME": str(tmp_path), "PRORL_VENV": str(venv),
+                         "PRORL_NO_SYSTEM_INSTALL": "1"})
     assert out.returncode == 1 and "bubblewrap" in out.stderr.splitlines()[-1]
     assert not venv.exists() and "creating virtual environment" not in out.stdout

@@ -2,7 +2,6 @@
 and the source converters of tools/prepare_data.py end to end (through the verifiers)."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from prorl_megatron.data.dataset import DataError, PromptMixture, load_rows
 from prorl_megatron.data.schema import PromptRow
 from prorl_megatron.rewards.pool import PoolSettings, RewardPool, ScoreRequest
 from prorl_megatron.rewards.sandbox import Limits
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ROOT / "tests" / "data" / "sources"
@@ -154,9 +154,8 @@ def test_prepare_data_converts_every_source_and_the_verifiers_accept_right_answe
     rows, responses = [], []
     for stem, source in SOURCE_NAMES.items():
         out = tmp_path / f"{stem}.jsonl"
-        res = subprocess.run([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "convert", source,
-                              "--input", str(SOURCES / f"{stem}.jsonl"), "--out", str(out)],
-                             capture_output=True, text=True, cwd=ROOT)
+        res = procs.run([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "convert", source,
+                         "--input", str(SOURCES / f"{stem}.jsonl"), "--out", str(out)], timeout=300)
         assert res.returncode == 0, res.stderr
         converted = load_rows([str(out)]).rows
         rows += converted
@@ -176,11 +175,10 @@ def test_prepare_data_converts_every_source_and_the_verifiers_accept_right_answe
 def test_prepare_data_reports_bad_source_records(tmp_path):
     bad = write_jsonl(tmp_path / "ds.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": "no answer"}])
     cmd = [sys.executable, str(ROOT / "tools" / "prepare_data.py"), "convert", "deepscaler", "--input", str(bad)]
-    res = subprocess.run(cmd + ["--out", str(tmp_path / "o.jsonl")], capture_output=True, text=True, cwd=ROOT)
+    res = procs.run(cmd + ["--out", str(tmp_path / "o.jsonl")], timeout=300)
     assert res.returncode == 2 and "ds.jsonl: row 2: field 'answer': missing in the source record" in res.stderr
     assert not (tmp_path / "o.jsonl").exists()
-    res = subprocess.run(cmd + ["--out", str(tmp_path / "o.jsonl"), "--on-bad-row", "skip"],
-                         capture_output=True, text=True, cwd=ROOT)
+    res = procs.run(cmd + ["--out", str(tmp_path / "o.jsonl"), "--on-bad-row", "skip"], timeout=300)
     assert res.returncode == 0 and "1 skipped" in res.stdout
     assert len(load_rows([str(tmp_path / "o.jsonl")]).rows) == 1
 
@@ -189,8 +187,8 @@ def test_prepare_data_reports_bad_source_records(tmp_path):
     ("addition_train", 3, 4000, 1), ("addition_val", 3, 256, 2), ("add4_train", 4, 4000, 201), ("add4_val", 4, 256, 202)])
 def test_shipped_tiny_task_data_is_what_prepare_data_writes(tmp_path, name, digits, count, seed):
     out = tmp_path / f"{name}.jsonl"
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "addition", "--digits", str(digits),
-                          "--count", str(count), "--seed", str(seed), "--out", str(out)], capture_output=True, text=True)
+    res = procs.run([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "addition", "--digits", str(digits),
+                     "--count", str(count), "--seed", str(seed), "--out", str(out)], timeout=300)
     assert res.returncode == 0, res.stderr
     shipped = ROOT / "data" / "tiny" / out.name
     assert shipped.read_bytes() == out.read_bytes()
@@ -201,9 +199,8 @@ def test_shipped_tiny_task_data_is_what_prepare_data_writes(tmp_path, name, digi
 
 def test_prepare_data_generates_reasoning_gym_puzzles(tmp_path):
     out = tmp_path / "logic.parquet"
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "reasoning-gym",
-                          "--datasets", "basic_arithmetic:3,word_sorting:2", "--seed", "4", "--out", str(out)],
-                         capture_output=True, text=True, cwd=ROOT)
+    res = procs.run([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "reasoning-gym",
+                     "--datasets", "basic_arithmetic:3,word_sorting:2", "--seed", "4", "--out", str(out)], timeout=300)
     assert res.returncode == 0, res.stderr
     rows = load_rows([str(out)]).rows
     assert sorted(r.ground_truth["dataset"] for r in rows) == ["basic_arithmetic"] * 3 + ["word_sorting"] * 2

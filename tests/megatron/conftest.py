@@ -1,4 +1,3 @@
-import os
 import shutil
 import subprocess
 import sys
@@ -6,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import procs
 from tests.megatron.tiny_models import VARIANTS, make_tiny_hf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,22 +25,21 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return procs.child_env()
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 600) -> str:
     """Run the worker under torchrun; fail the test with its output unless every rank says OK."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(WORKER), *args]
-    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    out = procs.run(cmd, timeout=timeout, env=env())
     text = out.stdout + out.stderr
-    assert out.returncode == 0 and text.count("OK ") >= nproc, text[-6000:]
+    assert out.returncode == 0 and procs.reported(text, "OK") == set(range(nproc)), text[-6000:]
     return text
 
 
 def convert(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf.py"), *args], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return procs.run([sys.executable, str(ROOT / "tools" / "convert_hf.py"), *args], env=env(), timeout=timeout)
 
 
 def copy_model(src: Path, dst: Path) -> Path:

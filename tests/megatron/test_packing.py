@@ -12,7 +12,6 @@ worker (``python tests/megatron/test_packing.py HF_DIR`` or under torchrun with 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +26,7 @@ if str(ROOT) not in sys.path:  # run as a script
 from prorl_megatron.models.forward import (  # noqa: E402
     MicroBatch, pack_sequences, packed_tokens, packing_multiples, run_microbatches,
 )
+from tests import procs  # noqa: E402
 
 
 def _rows(lengths: list[int], width: int, seed: int = 0) -> torch.Tensor:
@@ -229,7 +229,7 @@ def test_packed_forward_matches_padded(hf_models, pp):
     cmd = [sys.executable, __file__, hf_dir] if pp == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
         "--pp", "2", hf_dir]
-    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    out = procs.run(cmd, timeout=600, env=env())
     text = out.stdout + out.stderr
     assert out.returncode == 0 and text.count("OK packed") == pp, text[-6000:]
 

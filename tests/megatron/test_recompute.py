@@ -11,12 +11,13 @@ calls must show the recompute: the core attention runs twice per micro-batch und
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script
@@ -76,7 +77,7 @@ def test_recompute_gives_identical_gradients(tmp_path, dtype):
     hf_dir = make_tiny_hf("qwen2_untied", tmp_path / "hf", num_layers=2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", __file__,
            str(hf_dir), dtype]
-    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    out = procs.run(cmd, timeout=600, env=env())
     assert out.returncode == 0 and "OK" in out.stdout, (out.stdout + out.stderr)[-6000:]
 
 

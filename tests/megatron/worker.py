@@ -15,6 +15,7 @@ Scenarios (each exits non-zero with a message on the first mismatch):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -27,6 +28,7 @@ from prorl_megatron.models.architectures import model_dims, read_hf_config
 from prorl_megatron.models.forward import MicroBatch, run_microbatches
 from prorl_megatron.models.gpt import build_gpt_model
 from prorl_megatron.parallel import destroy_parallel, init_parallel
+from tests.procs import report_rank
 
 TEMPERATURE = 0.7
 FP32 = PrecisionConfig(params_dtype="float32")
@@ -179,7 +181,7 @@ def main() -> None:
             check_bit_exact(model, dims, hf_dir, f"{tag} loaded {ckpt}")
             logprob_parity(model, dims, hf_model(hf_dir), layout, f"{tag} loaded {ckpt}")
     destroy_parallel()
-    print(f"OK {args.scenario} {tag}")
+    report_rank("OK", int(os.environ.get("RANK", 0)), f"{args.scenario} {tag}")
 
 
 if __name__ == "__main__":

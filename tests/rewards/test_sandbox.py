@@ -2,7 +2,6 @@
 
 import os
 import resource
-import subprocess
 import time
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from prorl_megatron.rewards.code import extract_program, score_code
 from prorl_megatron.rewards.sandbox import Limits, Sandbox, SandboxUnavailable
 from prorl_megatron.rewards.text import VerifyContext
+from tests import procs
 
 LIMITS = Limits(cpu_s=2, wall_s=3, memory_mib=256, max_processes=32, max_file_mib=4)
 UID = 61990
@@ -41,7 +41,7 @@ def fenced(code: str) -> str:
 
 
 def sandbox_processes() -> int:
-    out = subprocess.run(["ps", "-o", "pid=,stat=", "-u", str(UID)], capture_output=True, text=True).stdout
+    out = procs.run(["ps", "-o", "pid=,stat=", "-u", str(UID)], timeout=60).stdout
     return sum(1 for line in out.splitlines() if line.split()[1:] and not line.split()[1].startswith("Z"))
 
 

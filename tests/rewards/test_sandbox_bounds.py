@@ -37,6 +37,7 @@ from prorl_megatron.rewards.sandbox import (
     _task_guarantee,
 )
 from prorl_megatron.rewards.sandbox_bounds import CGROUP_ENV, RunCgroup, cgroup_parents, tree_pids
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = dict(cpu_s=2, wall_s=3, memory_mib=128, max_processes=32, max_file_mib=4, tmp_mib=16)
@@ -142,7 +143,8 @@ def run_batch(package: Path, mode: str, phase: str, **extra) -> dict:
         try:
             out, err = proc.communicate(timeout=120)
         finally:
-            proc.kill()
+            procs.kill_tree(proc.pid)  # the batch and every sandbox it started
+            proc.wait()
             done.set()
             sampler.join()
         assert proc.returncode == 0, err[-3000:]
@@ -236,8 +238,7 @@ def test_isolation_holds_for_an_ordinary_user(package, mode):
 
 
 def test_check_reports_each_guarantee():
-    out = subprocess.run([sys.executable, "-m", "prorl_megatron.rewards.sandbox", "--check"],
-                         capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+    out = procs.run([sys.executable, "-m", "prorl_megatron.rewards.sandbox", "--check"], timeout=60, cwd=str(ROOT))
     lines = {line.split()[1]: line.split()[0] for line in out.stdout.splitlines()
              if line.split() and line.split()[0] in ("HELD", "PARTIAL", "MISSING")}
     assert set(lines) == {"isolation", "task", "memory", "/tmp"}, out.stdout

@@ -2,14 +2,14 @@
 
     torchrun --nproc_per_node 2 tests/rollout/shm_worker.py HF_DIR [--wait-for FILE]
 
-With ``--wait-for`` the ranks print READY and keep the engine (and its shared memory) alive
-until FILE exists, so a test can start a second run beside it or SIGKILL it mid-run.
+With ``--wait-for`` the ranks report READY and keep the engine (and its shared memory) alive
+until FILE exists, so a test can start a second run beside it or SIGKILL it mid-run. Each
+report is one write of a whole line (tests/procs.py): the ranks share the parent's stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from prorl_megatron.config import PrecisionConfig, RolloutConfig
 from prorl_megatron.parallel import init_parallel
 from prorl_megatron.rollout.engine import RolloutEngine
+from tests.procs import report_rank
 
 
 def main() -> None:
@@ -31,12 +32,11 @@ def main() -> None:
     engine = RolloutEngine(args.hf_dir, cfg, PrecisionConfig(params_dtype="float32"), seed=0, tokenizer=False)
     out = engine.generate([[3, 17, 42], [99, 1]], seed=5)
     assert [len(x) for x in out] == [2, 2], out
-    print(f"READY rank {dist.get_rank()}", flush=True)
+    report_rank("READY", dist.get_rank())
     if args.wait_for:
         while not Path(args.wait_for).exists():
             time.sleep(0.05)
-    print(f"OK rank {dist.get_rank()}", flush=True)
-    sys.stdout.flush()
+    report_rank("OK", dist.get_rank())
 
 
 if __name__ == "__main__":

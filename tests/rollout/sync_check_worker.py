@@ -23,6 +23,7 @@ from prorl_megatron.models.policy import build_policy
 from prorl_megatron.parallel import init_parallel
 from prorl_megatron.rollout.engine import RolloutEngine
 from prorl_megatron.rollout.weight_sync import SYNC_TOLERANCES, SyncMismatch, SyncTolerance, check_sync, sync_weights
+from tests.procs import report_rank
 
 PROMPTS = [[3, 17, 42, 5], [99, 1], [7, 7, 7, 120, 4, 60], [11, 12, 13]]
 MEASURE = SyncTolerance(mean=float("inf"), p90=float("inf"))  # statistics only, never raises
@@ -66,7 +67,7 @@ def main() -> None:
     results["resynced"] = check_sync(model, dims, engine, probe, MEASURE)
     if dist.get_rank() == 0:
         (out_dir / f"stats-{dtype}.json").write_text(json.dumps(results, indent=1))
-    print(f"OK rank {dist.get_rank()} {dtype} {results['synced']}", flush=True)
+    report_rank("OK", dist.get_rank(), f"{dtype} {results['synced']}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
 """RolloutEngine's request seeds in a real vLLM engine: spaced by n, by the prompt's index in the round."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+from tests import procs
 from tests.rollout.test_rollout import tiny_qwen2  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,8 +13,6 @@ WORKER = ROOT / "tests" / "rollout" / "seed_worker.py"
 
 
 def test_identical_neighbouring_prompts_get_different_samples(tiny_qwen2):  # noqa: F811
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(WORKER),
-           str(tiny_qwen2)]  # vLLM's external launcher reads RANK etc. from torchrun's environment
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = procs.torchrun_command(1, WORKER, tiny_qwen2)  # vLLM's external launcher reads RANK etc. from torchrun's
+    out = procs.run(cmd, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, (out.stdout + out.stderr)[-6000:]

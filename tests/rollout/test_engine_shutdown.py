@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
 import sys
 import weakref
 from pathlib import Path
+
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script
@@ -65,10 +66,8 @@ def _worker(directory: str) -> None:
 
 
 def test_shutdown_frees_a_compiled_engine_for_a_longer_one(tmp_path):
-    from tests.megatron.conftest import env
-
-    out = subprocess.run([sys.executable, __file__, str(tmp_path / "hf")], cwd=ROOT, env=env(), capture_output=True,
-                         text=True, timeout=600)
+    
+    out = procs.run([sys.executable, __file__, str(tmp_path / "hf")], timeout=600)
     assert out.returncode == 0 and "OK" in out.stdout, (out.stdout + out.stderr)[-6000:]
 
 

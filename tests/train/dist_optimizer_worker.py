@@ -31,6 +31,7 @@ from prorl_megatron.models.policy import (
     optimizer_step, reset_optimizer_state, zero_grads,
 )
 from prorl_megatron.parallel import init_parallel
+from tests.procs import report_rank
 
 SHARED = (8, 1, 60, 2, 33, 7, 19)  # the same tokens on every rank: the global batch is the same at any DP
 
@@ -270,8 +271,7 @@ def main() -> None:
     precision = PrecisionConfig(params_dtype="bfloat16")
     train = TrainConfig(lr=1e-3, clip_grad=0.0, distributed_optimizer=True)
     {"dp2": dp2, "dp1": dp1, "dp1to2": dp1to2}[mode](hf_dir, out, dims, precision, train)
-    sys.stdout.write(f"OK {mode} rank {dist.get_rank()}\n")  # one write: the ranks share a pipe
-    sys.stdout.flush()
+    report_rank(f"OK {mode}", dist.get_rank())  # one write: the ranks share the parent's stdout
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ checkpoint round trip, reference reset, checkpoint right after a reset), then th
 checkpoints loaded at DP1, then a DP1 checkpoint loaded at DP2.
 """
 
-import subprocess
 import sys
 
 import pytest
 
+from tests import procs
 from tests.megatron.conftest import ROOT, env
 from tests.megatron.tiny_models import make_tiny_hf
 
@@ -20,10 +20,9 @@ WORKER = ROOT / "tests" / "train" / "dist_optimizer_worker.py"
 def run_worker(nproc: int, hf_dir, out_dir, mode: str) -> None:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc > 1 else [sys.executable])
-    out = subprocess.run([*launcher, str(WORKER), str(hf_dir), str(out_dir), mode], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=600)
+    out = procs.run([*launcher, str(WORKER), str(hf_dir), str(out_dir), mode], timeout=600, env=env())
     text = out.stdout + out.stderr
-    assert out.returncode == 0 and text.count(f"OK {mode} rank") == nproc, text[-6000:]
+    assert out.returncode == 0 and procs.reported(text, f"OK {mode}") == set(range(nproc)), text[-6000:]
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 """Metrics files, pass@k tables and the plot tool (no model needed)."""
 
 import json
-import subprocess
 import sys
 
 from prorl_megatron.eval import pass_at_k_table
 from prorl_megatron.metrics import MetricsWriter, read_jsonl
+from tests import procs
 from tests.train.conftest import ROOT
 
 
@@ -37,8 +37,7 @@ def test_plot_marks_resets_and_summarises(tmp_path):
     lines += [{"step": s, "reward/mean": 0.1 + s / 100, "kl_ref": 0.01 * (s % 5)} for s in range(1, 11)]
     lines += [{"step": 5, "event": "reset", "reason": "every 5 steps"}, {"step": 10, "val/pass@1": 0.25, "val/pass@8": 0.5}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "plot.py"), str(tmp_path)], capture_output=True,
-                         text=True, timeout=300)
+    out = procs.run([sys.executable, str(ROOT / "tools" / "plot.py"), str(tmp_path)], timeout=300)
     assert out.returncode == 0, out.stderr
     assert "pass@1: 0.100 (step 0) -> 0.250 (step 10)  x2.50" in out.stdout
     assert "resets: 1 at steps [5]" in out.stdout

@@ -1,17 +1,16 @@
 """Recipe and input problems stop the trainer before any model is built, naming what and where."""
 
-import subprocess
 import sys
 
-from tests.train.conftest import ROOT, env
+from tests import procs
+from tests.train.conftest import env
 
 
 def train(*overrides, logs=None):
     """The trainer alone (one process); ``logs``: its logging.dir (train.log), else the recipe's."""
     logging_dir = [f"logging.dir={logs}"] if logs else []
-    return subprocess.run([sys.executable, "-m", "prorl_megatron.train", "--recipe", "recipes/tiny_cpu.yaml",
-                           *overrides, *logging_dir], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=300)
+    return procs.run([sys.executable, "-m", "prorl_megatron.train", "--recipe", "recipes/tiny_cpu.yaml",
+                      *overrides, *logging_dir], timeout=300, env=env())
 
 
 def test_bad_data_row_is_named_by_file_and_row(tiny_base, tmp_path):

@@ -2,12 +2,12 @@
 entropy floor; one changes rollout.max_response_tokens (the vLLM engine is rebuilt, the parity
 check passes after it); a kill -9 inside the second stage resumes into it with the same metrics."""
 
-import subprocess
 import sys
 
 import pytest
 
 from prorl_megatron.metrics import read_jsonl
+from tests import procs
 from tests.train.conftest import ROOT, kill_when, run, train_command
 from tests.train.test_train_loop import metrics, ok
 
@@ -88,6 +88,5 @@ def test_four_stages_rebuild_the_engine_and_resume_inside_a_stage(tiny_base, tmp
         assert got == same, key
     assert [s for s, e in b if e is None] == list(range(10))  # step 0: the validation before training
 
-    plotted = ok(subprocess.run([sys.executable, "tools/plot.py", str(killed / "logs")], cwd=ROOT,
-                                capture_output=True, text=True))
+    plotted = ok(procs.run([sys.executable, "tools/plot.py", str(killed / "logs")], timeout=300))
     assert "stages: short (steps 1-3), long (4-5), steady (6-7), explore (8-9)" in plotted

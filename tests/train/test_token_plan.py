@@ -2,13 +2,13 @@
 and the same loss and gradients as the row-count plan (real processes, DP2)."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 
 from prorl_megatron.rollout.batch import balance_over_ranks, micro_batch_cost, token_micro_batches, training_plan
-from tests.megatron.conftest import ROOT, env
+from tests import procs
+from tests.megatron.conftest import env
 from tests.megatron.tiny_models import make_tiny_hf
 
 
@@ -54,8 +54,7 @@ def test_every_rank_sees_the_same_mini_batches_and_together_all_rows():
 def test_plan_targets_on_a_long_response_distribution():
     """bench/batching.py plan: R1-Distill-like lengths (256 prompts x 16, DP 32): padding
     efficiency >= 0.95 and slowest/mean rank load <= 1.03 (issue 13's targets)."""
-    out = subprocess.run([sys.executable, "bench/batching.py", "plan", "--json"], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=300)
+    out = procs.run([sys.executable, "bench/batching.py", "plan", "--json"], timeout=300, env=env())
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     new, old = result["token_budget"], result["row_count"]
@@ -67,6 +66,6 @@ def test_token_plan_trains_on_the_same_loss_and_gradients(tmp_path):
     hf_dir = make_tiny_hf("qwen2_tied", tmp_path / "hf", num_layers=2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "tests/train/token_plan_worker.py", str(hf_dir)]
-    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    out = procs.run(cmd, timeout=600, env=env())
     assert out.returncode == 0 and "OK" in out.stdout, (out.stdout + out.stderr)[-6000:]
     print(out.stdout)

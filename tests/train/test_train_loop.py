@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from prorl_megatron.metrics import read_jsonl
-from tests.train.conftest import ROOT, kill_when, run, signal_when, train_command
+from tests.train.conftest import kill_when, run, signal_when, train_command
 
 pytestmark = pytest.mark.slow
 
