@@ -23,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import sys
 import types
@@ -905,16 +906,33 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
+def resolved_value(recipe: Recipe, dotted: str) -> Any:
+    """The value of ``dotted`` (``logging.dir``) in ``recipe``; a ConfigError names an unknown key."""
+    node: Any = to_dict(recipe)
+    for i, part in enumerate(dotted.split(".")):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(dotted.split(".")[:i]) or "recipe"
+            valid = ", ".join(node) if isinstance(node, dict) else "none: a value, not a section"
+            raise ConfigError(f"--get {dotted}: no key {part!r} in {where} (valid: {valid})")
+        node = node[part]
+    return node
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Resolve and check a ProRL recipe.")
     add_recipe_arguments(parser)
+    parser.add_argument("--get", action="append", default=[], metavar="KEY",
+                        help="print the resolved value of a dotted key, one line per --get (for scripts)")
     args = parser.parse_args(argv)
     try:
-        recipe_from_args(args)
+        recipe = recipe_from_args(args)
+        values = [resolved_value(recipe, key) for key in args.get]
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.print_config:
+    for value in values:
+        print(value if isinstance(value, str) else json.dumps(value))
+    if not args.print_config and not args.get:
         print(f"{args.recipe}: ok")
     return 0
 

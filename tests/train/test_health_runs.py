@@ -46,30 +46,44 @@ def test_warn_continues_and_a_resumed_entropy_streak_stops_the_run(tiny_base, tm
     assert [(r["step"], r["action"], r["since"]) for r in stop] == [(3, "stop", 1)]
 
 
-def test_rollback_redoes_the_bad_step_with_other_seeds(tiny_base, tmp_path):
-    """kl_ref is 0, 0.05, 0.23 at steps 1-3 of this run: a ceiling of 0.15 fires at step 3; the
-    run goes back to step 2's checkpoint, and step 3 sampled with other seeds stays below it."""
-    done = run(train_command(tmp_path, tiny_base, "train.steps=4", "checkpoint.every_n_steps=1",
-                             "health.kl_ref_ceiling.threshold=0.15", "health.kl_ref_ceiling.action=rollback",
-                             "health.max_rollbacks=1"))
+def test_rollback_redoes_the_bad_steps_with_other_seeds(tiny_base, tmp_path):
+    """A bad stretch planted in a checkpoint, so that any CPU's numerics trip it alike: kl_ref is
+    exactly 0 at step 1 (reference = policy) and above 1e-9 from step 2 on, and step 2's checkpoint
+    is edited to say the run has been above that ceiling for 49 steps (window 50). Step 3 then
+    trips it; the run goes back to the newest checkpoint before the stretch began (step 1's),
+    redoes steps 2 and 3 with other seeds (its stretch now 2 steps long) and finishes."""
+    checks = ["checkpoint.every_n_steps=1", "health.kl_ref_ceiling.threshold=1e-9", "health.kl_ref_ceiling.window=50",
+              "health.kl_ref_ceiling.action=rollback", "health.max_rollbacks=1"]
+    done = run(train_command(tmp_path, tiny_base, "train.steps=2", *checks))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    first = {r["step"]: r for r in records(tmp_path) if "event" not in r}
+    assert first[1]["kl_ref"] == 0.0 and first[2]["kl_ref"] > 1e-9
+    meta_file = tmp_path / "ckpt" / "step_00000002" / "prorl_meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["loop"]["health"]["streaks"]["kl_ref_ceiling"] == [1, 2]  # step 2: the first step above it
+    meta["loop"]["health"]["streaks"]["kl_ref_ceiling"] = [49, 2]
+    meta_file.write_text(json.dumps(meta))
+
+    done = run(train_command(tmp_path, tiny_base, "train.steps=4", *checks))
     text = done.stdout + done.stderr
     assert done.returncode == 0, text[-6000:]
-    assert "health rollback 1 to the checkpoint of step 2 (steps [3] discarded): kl_ref_ceiling: kl_ref" in text
+    assert "health rollback 1 to the checkpoint of step 1 (steps [2, 3] discarded): kl_ref_ceiling: kl_ref" in text
     m = records(tmp_path)
     steps = [r for r in m if "event" not in r]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # the discarded step 3 is not in the file twice
-    assert [r["rollbacks"] for r in steps] == [0, 0, 1, 1]
-    assert all(r["kl_ref"] <= 0.15 for r in steps)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # the discarded steps are not in the file twice
+    assert [r["rollbacks"] for r in steps] == [0, 1, 1, 1]
+    assert steps[1]["kl_ref"] != first[2]["kl_ref"]  # step 2 redone with other samples
     (back,) = [r for r in m if r.get("event") == "rollback"]
-    assert (back["step"], back["alarm_step"], back["discarded"], back["rollbacks"]) == (2, 3, [3], 1)
+    assert (back["step"], back["alarm_step"], back["discarded"], back["rollbacks"]) == (1, 3, [2, 3], 1)
     (alarm,) = back["alarms"]
-    assert (alarm["check"], alarm["action"], alarm["since"]) == ("kl_ref_ceiling", "rollback", 3)
-    assert float(alarm["message"].split()[1]) > 0.15
+    assert (alarm["check"], alarm["action"], alarm["since"]) == ("kl_ref_ceiling", "rollback", 2)
+    assert "for 50 consecutive steps (since step 2)" in alarm["message"]
     assert not [r for r in m if r.get("event") == "health"]  # the alarm's step was discarded with its events
     ckpt = tmp_path / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000003", "step_00000004"]
     meta = json.loads((ckpt / "step_00000004" / "prorl_meta.json").read_text())
     assert meta["loop"]["counters"]["rollbacks"] == 1
+    assert meta["loop"]["health"]["streaks"]["kl_ref_ceiling"] == [3, 2]  # the redone stretch, under its window
 
 
 def test_reset_and_next_stage_actions(tiny_base, tmp_path):
