@@ -153,7 +153,8 @@ class Child:
     def _read(self, name: str) -> str:
         if self._final is not None:
             return self._final[name]
-        return self._paths[name].read_bytes().decode(errors="replace")
+        # universal newlines, as subprocess's text mode reads them: a progress bar's "\r" ends a line
+        return self._paths[name].read_bytes().decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
     @property
     def stdout(self) -> str:
