@@ -191,12 +191,6 @@ def shapes(recipe: Recipe, dims: ModelDims) -> Shapes:
     )
 
 
-def score_bytes(s: Shapes) -> int:
-    """One ``[B, heads, S, S]`` element of the local spec, as kept for backward: the float32
-    softmax output, plus its bf16/fp16 copy that the AV product keeps (none in float32)."""
-    return 4 + (s.e if s.e < 4 else 0)
-
-
 def layer_terms(s: Shapes, te: bool) -> dict[str, int]:
     """What one layer keeps for backward without recompute, over the whole micro-batch, in three
     parts by the order the forward makes them: ``pre`` (before the attention core), ``core``,
@@ -284,18 +278,32 @@ def forward_transient(s: Shapes, te: bool) -> int:
     return max(mlp, core_extra(s, te)[0] + scores(s) * score_bytes(s) + 9 * s.seq * s.seq)
 
 
-def update_activations(s: Shapes, recompute: str, te: bool) -> tuple[int, int, str]:
+def pipeline_in_flight(recipe: Recipe, dp: int) -> int:
+    """Micro-batches in flight on the first pipeline stage under 1F1B: ``min(pp, micro-batches
+    per mini-batch)``; under a token budget the count depends on the lengths: ``pp``, the most."""
+    pp, cfg = recipe.parallel.pipeline, recipe.train
+    if pp == 1 or cfg.max_tokens_per_micro_batch is not None:
+        return pp
+    rows = -(-cfg.mini_batch_prompts * recipe.rollout.n // dp)
+    return min(pp, -(-rows // cfg.micro_batch_size))
+
+
+def update_activations(s: Shapes, recompute: str, te: bool, in_flight: int = 1) -> tuple[int, int, str]:
     """``(kept, transient, what the transient is)`` at the update's peak.
 
     ``kept``: every layer's saved tensors and the tail, at the start of backward. The forward's
     own peak (the last layer's attention core, before its MLP and the tail exist) and each
-    backward step's extra are expressed as a transient over ``kept``.
+    backward step's extra are expressed as a transient over ``kept``. ``in_flight``: the
+    micro-batches whose activations the first pipeline stage holds at once under the 1F1B
+    schedule (``min(pp, micro-batches)``, as Megatron-LM's ``theoretical_memory_usage`` counts
+    them); the last stage holds one, and the tail.
     """
     t, L = layer_terms(s, te), s.layers
     fwd_core, bwd_core = core_extra(s, te)
     mlp_grads = (3 if te else 4) * s.ffn * s.e * s.tokens  # fc1 output [2f] and SwiGLU-half gradients
-    kept = L * saved_per_layer(s, recompute, te) + tail_saved(s, te)
+    layers = L * saved_per_layer(s, recompute, te)
     tail = tail_saved(s, te)
+    kept = max(in_flight * layers, layers + tail)
     # backward starts at the logprob head: each chunk is recomputed while the gradient of the
     # hidden states [T, h] float32 accumulates; the output layer's backward holds the logits'
     # gradient and the whole weight gradient [V/tp, h] (added into the DDP buffer afterwards)
@@ -375,7 +383,7 @@ def estimate(recipe: Recipe, dims: ModelDims, world_size: int, device_mem_bytes:
     # the logprob pass (no grad): hidden states kept while chunks run; the largest intermediate
     hidden = 4 * s.h * s.tokens  # kept while the chunks run
     logprob_peak = max(hidden + chunk_transient(s, with_entropy=True), forward_transient(s, te))
-    kept, transient, what = update_activations(s, cfg.recompute, te)
+    kept, transient, what = update_activations(s, cfg.recompute, te, in_flight := pipeline_in_flight(recipe, dp))
     # the optimizer step, after backward: each parameter's Adam temporaries (the largest, twice)
     largest = max(dims.padded_vocab_size * dims.hidden_size // tp, 3 * dims.hidden_size * dims.ffn_hidden_size // tp)
     step = 2 * 4 * largest + (4 * n // shard if low and grad_bytes < 4 else 0)
@@ -383,7 +391,8 @@ def estimate(recipe: Recipe, dims: ModelDims, world_size: int, device_mem_bytes:
         kept, transient, what = 0, step, "optimizer step temporaries"
     attention = "Transformer Engine (flash/fused, O(S))" if te else "local spec ([B, heads, S, S] scores, fp32 softmax)"
     rows += [
-        Row(f"activations kept (recompute={cfg.recompute})", {"update": kept}),
+        Row(f"activations kept (recompute={cfg.recompute}" + (f", {in_flight} micro-batches in flight on the first "
+                                                               "pipeline stage)" if pp > 1 else ")"), {"update": kept}),
         Row(f"update transient: {what}", {"update": transient}),
         Row("logprob pass transient: " + ("fp32 hidden + chunk with entropy"
                                 if logprob_peak > forward_transient(s, te) else "one layer's forward"),

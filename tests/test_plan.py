@@ -178,3 +178,26 @@ def _config(directory):
     from prorl_megatron.models.architectures import read_hf_config
 
     return read_hf_config(str(directory))
+
+
+def test_pipeline_stages_hold_the_micro_batches_1f1b_keeps_in_flight(qwen_1p5b):
+    """PP2: the first stage holds half the layers for min(pp, micro-batches) = 2 micro-batches at
+    once (Megatron-LM's theoretical_memory_usage): its kept activations are PP1's layers' (the
+    tail aside), not half of them; with one micro-batch per mini-batch, one is in flight."""
+    dims = model_dims(_config(qwen_1p5b))
+
+    def kept(*overrides):
+        recipe = load_recipe(ROOT / "recipes" / "prorl_1p5b.yaml", ["train.max_tokens_per_micro_batch=null",
+                                                                     "train.micro_batch_size=4", *overrides])
+        plan = estimate(recipe, dims, 32 * recipe.parallel.pipeline, te=True)
+        return next(r.bytes["update"] for r in plan.rows if r.what.startswith("activations kept"))
+
+    from prorl_megatron.plan import shapes, tail_saved
+
+    pp1 = kept()
+    tail = tail_saved(shapes(load_recipe(ROOT / "recipes" / "prorl_1p5b.yaml", [
+        "train.max_tokens_per_micro_batch=null", "train.micro_batch_size=4"]), dims), True)
+    assert kept("parallel.pipeline=2") == pp1 - tail  # 2 in flight x 14 layers = 28 layers
+    assert kept("parallel.pipeline=4") == pp1 - tail  # 4 x 7
+    one = kept("parallel.pipeline=2", "train.mini_batch_prompts=8")  # 8 x 16 rows / DP 32: one micro-batch
+    assert one == (pp1 - tail) // 2 + tail  # the last stage's: its 14 layers and the tail

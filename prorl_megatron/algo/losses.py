@@ -30,8 +30,8 @@ def _kl_k2(log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 def _kl_k3(log_ratio: torch.Tensor) -> torch.Tensor:
-    d = (-log_ratio).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)  # ref - logp
-    return (torch.exp(d) - d - 1.0).clamp(-_K3_CLAMP, _K3_CLAMP)
+    d = -log_ratio  # ref - logp
+    return torch.exp(d) - d - 1.0
 
 
 # Schulman's estimators of KL(pi || ref) from samples of pi (http://joschu.net/blog/kl-approx.html).
@@ -43,14 +43,24 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(policy || reference) estimate.
+# (input, output) clamps each estimator gets when the recipe sets none: k3's exp needs them
+# (NeMo-RL's calculate_kl defaults, 20 and 10); the others are bounded by the logprobs themselves
+DEFAULT_KL_CLAMPS: dict[str, tuple[Optional[float], Optional[float]]] = {
+    "k1": (None, None), "abs": (None, None), "k2": (None, None), "k3": (_LOG_RATIO_CLAMP, _K3_CLAMP),
+}
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
+               input_clamp: Optional[float] = None, output_clamp: Optional[float] = None) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate, clamped as NeMo-RL's ``calculate_kl`` does.
 
     Args:
         logprobs: [N, T] policy logprobs of the sampled tokens.
         ref_logprobs: [N, T] reference logprobs of the same tokens.
-        estimator: ``k1`` | ``abs`` | ``k2`` | ``k3`` (see ``KL_ESTIMATORS``); for k3,
-            d = ref - logp is clamped to [-20, 20] and the result to [-10, 10].
+        estimator: ``k1`` | ``abs`` | ``k2`` | ``k3`` (see ``KL_ESTIMATORS``).
+        input_clamp: ``ref - logp`` is clamped to ``[-input_clamp, input_clamp]`` first;
+        output_clamp: the estimate to ``[-output_clamp, output_clamp]`` after. None: the
+            estimator's default (:data:`DEFAULT_KL_CLAMPS`: k3 20 and 10, the others none).
     Returns:
         float32 [N, T] (no masking: aggregate with :func:`aggregate`).
     """
@@ -58,8 +68,14 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         raise ValueError(f"estimator: unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
     check_ndim("logprobs", logprobs, 2, "[N, T]")
     check_shape("ref_logprobs", ref_logprobs, tuple(logprobs.shape), "[N, T] like logprobs")
+    default_in, default_out = DEFAULT_KL_CLAMPS[estimator]
+    input_clamp = default_in if input_clamp is None else input_clamp
+    output_clamp = default_out if output_clamp is None else output_clamp
     log_ratio = as_float32("logprobs", logprobs) - as_float32("ref_logprobs", ref_logprobs)
-    return KL_ESTIMATORS[estimator](log_ratio)
+    if input_clamp is not None:
+        log_ratio = log_ratio.clamp(-input_clamp, input_clamp)
+    kl = KL_ESTIMATORS[estimator](log_ratio)
+    return kl if output_clamp is None else kl.clamp(-output_clamp, output_clamp)
 
 
 def _masked_row_stats(values: torch.Tensor, mask: torch.Tensor):
@@ -247,6 +263,8 @@ def policy_kl_loss(
     eps_high: float = 0.4,
     dual_clip_c: Optional[float] = 3.0,
     agg: str = "token-mean",
+    kl_input_clamp: Optional[float] = None,
+    kl_output_clamp: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
     """The update's whole objective: ``pg + kl_coef * kl``.
 
@@ -254,6 +272,7 @@ def policy_kl_loss(
     per-token loss); ``kl`` is ``aggregate(kl_penalty(logprobs, ref_logprobs), mask, agg)``,
     *not* weighted: the KL penalty regularises the policy being trained and does not
     estimate an expectation under the rollout engine's distribution (as verl's ``kl_loss``).
+    ``kl_input_clamp``/``kl_output_clamp``: :func:`kl_penalty`'s clamps.
 
     Returns:
         ``(loss, pg, kl, metrics)``: three float32 scalars and :func:`policy_loss`'s metrics.
@@ -262,5 +281,5 @@ def policy_kl_loss(
         raise ValueError(f"kl_coef: expected a value >= 0, got {kl_coef}")
     pg, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, eps_low=eps_low, eps_high=eps_high,
                               dual_clip_c=dual_clip_c, agg=agg, is_weights=is_weights)
-    kl = aggregate(kl_penalty(logprobs, ref_logprobs, kl_estimator), mask, agg)
+    kl = aggregate(kl_penalty(logprobs, ref_logprobs, kl_estimator, kl_input_clamp, kl_output_clamp), mask, agg)
     return pg + kl_coef * kl, pg, kl, metrics

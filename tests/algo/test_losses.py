@@ -39,6 +39,39 @@ def test_kl_k3_clamps_huge_gaps():
     assert torch.equal(L.kl_penalty(logp, logp, "k3"), torch.zeros_like(logp))
 
 
+def nemo_rl_calculate_kl(logprobs, ref, kl_type, input_clamp, output_clamp):
+    """NeMo-RL's nemo_rl/algorithms/utils.py calculate_kl, restated: the reference to match."""
+    logr = ref - logprobs
+    if input_clamp is not None:
+        logr = logr.clamp(min=-input_clamp, max=input_clamp)
+    kl = {"k1": -logr, "k2": logr.square() / 2, "k3": logr.exp() - 1 - logr}[kl_type]
+    return kl if output_clamp is None else kl.clamp(min=-output_clamp, max=output_clamp)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("clamps", [(20.0, 10.0), (5.0, None), (None, 3.0)])
+def test_kl_clamps_as_nemo_rl_when_the_recipe_asks(estimator, clamps):
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(3, 6, generator=g) * 4
+    ref = logp + torch.tensor([-40.0, -25.0, -2.0, 0.0, 2.0, 30.0]) * torch.rand(3, 6, generator=g)
+    got = L.kl_penalty(logp, ref, estimator, *clamps)
+    defaults = L.DEFAULT_KL_CLAMPS[estimator]  # what a null in the recipe means (k3: 20 and 10)
+    expected = [c if c is not None else d for c, d in zip(clamps, defaults)]
+    assert torch.allclose(got, nemo_rl_calculate_kl(logp, ref, estimator, *expected), atol=1e-6, rtol=1e-6)
+    if estimator == "k2":  # unclamped, a 30-nat gap is worth 450; the v2 recipe's 20 / 10 caps it at 10
+        huge = torch.tensor([[-31.0]]), torch.tensor([[-1.0]])
+        assert L.kl_penalty(*huge, "k2").item() == 450.0 and L.kl_penalty(*huge, "k2", 20.0, 10.0).item() == 10.0
+    loss, _, kl, _ = L.policy_kl_loss(logp, logp, ref, torch.ones(3, 6), torch.ones(3, 6), kl_coef=0.5,
+                                      kl_estimator=estimator, kl_input_clamp=clamps[0], kl_output_clamp=clamps[1])
+    assert torch.allclose(kl, got.mean()) and torch.allclose(loss, 0.5 * got.mean() - 1.0)
+
+
+def test_k3_keeps_its_own_clamps_when_the_recipe_sets_none():
+    logp, ref = torch.full((1, 3), -1.0), torch.tensor([[-200.0, -1.5, 60.0]])
+    assert torch.equal(L.kl_penalty(logp, ref, "k3"), L.kl_penalty(logp, ref, "k3", 20.0, 10.0))
+    assert torch.equal(L.kl_penalty(logp, ref, "k2"), nemo_rl_calculate_kl(logp, ref, "k2", None, None))
+
+
 def test_kl_errors():
     with pytest.raises(ValueError, match="unknown KL estimator 'k4'; valid: k1, abs, k2, k3"):
         L.kl_penalty(torch.zeros(2, 2), torch.zeros(2, 2), "k4")
