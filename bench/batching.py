@@ -114,6 +114,7 @@ def cpu_worker(args: argparse.Namespace) -> None:
     from prorl_megatron import train
     from prorl_megatron.algo import compute_advantages
     from prorl_megatron.config import load_recipe
+    from prorl_megatron.loop import fresh_counters
     from prorl_megatron.metrics import TokenSums
     from prorl_megatron.rollout.batch import Sample, make_batch, training_plan
 
@@ -125,7 +126,7 @@ def cpu_worker(args: argparse.Namespace) -> None:
     recipe.model.hf_path = args.hf_dir
     recipe.parallel.tensor = 1
     recipe.rollout.max_response_tokens = 512
-    run = train.passes_only(recipe)
+    trainer = train.passes_only(recipe)
     g = torch.Generator().manual_seed(0)
     samples = []
     for group in range(16):
@@ -139,17 +140,17 @@ def cpu_worker(args: argparse.Namespace) -> None:
     lengths = (batch["prompt_len"] + batch["response_len"]).tolist()
     groups = [list(range(k * 8, k * 8 + 8)) for k in range(16)]
     mb = recipe.train.micro_batch_size
-    plans = {"row_count": training_plan(groups, 8, 2, run.layout.dp_rank, mb),
-             "token_budget": training_plan(groups, 8, 2, run.layout.dp_rank, mb, lengths, args.budget)}
+    plans = {"row_count": training_plan(groups, 8, 2, trainer.layout.dp_rank, mb),
+             "token_budget": training_plan(groups, 8, 2, trainer.layout.dp_rank, mb, lengths, args.budget)}
     times: dict[str, list[float]] = {k: [] for k in plans}
     for repeat in range(args.repeats + 1):  # the first round warms up
         for name, plan_ in plans.items():
             dist.barrier()
             start = time.perf_counter()
-            sums = TokenSums()
-            train.old_and_reference_logprobs(run, batch, plan_, sums)
+            sums, counters = TokenSums(), fresh_counters()
+            train.old_and_reference_logprobs(trainer, recipe, batch, plan_, sums)
             for mini_batch in plan_:
-                train.update_policy(run, batch, mini_batch, sums)
+                train.update_policy(trainer, recipe, batch, mini_batch, sums, counters, repeat)
             dist.barrier()
             if repeat:
                 times[name].append(time.perf_counter() - start)

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from prorl_megatron.ablate import Grid
+from prorl_megatron.ablate_grid import Grid
 from prorl_megatron.algo.sampling import pass_at_k
 from prorl_megatron.metrics import read_jsonl, series
 
@@ -67,7 +67,7 @@ def per_prompt_passk(table: dict[str, Any], ks: tuple[int, ...]) -> np.ndarray:
 
 def load_runs(grid: Grid) -> tuple[Optional[Run], dict[str, list[Run]]]:
     """The base model's evaluation (as a run without metrics) and each arm's finished runs."""
-    from prorl_megatron.ablate import override_args
+    from prorl_megatron.ablate_grid import override_args
     from prorl_megatron.config import load_recipe
 
     def load(directory: Path, arm: str, seed: int, n_per_prompt: int = 0) -> Optional[Run]:

@@ -5,7 +5,7 @@ default, so a recipe only states what differs. Command-line overrides use dotted
 
     python -m prorl_megatron.config --recipe recipes/tiny_cpu.yaml algo.eps_high=0.28 rollout.n=8
 
-Values are parsed as YAML scalars/lists (``rollout.stop=['</answer>']``, ``reset.every_n_steps=null``)
+Values are parsed as YAML scalars/lists (``rollout.stop=['</answer>']``, ``reset.after_steps=null``)
 and coerced to the field's declared type. Unknown keys are errors that name the key, where it
 came from, and the closest valid names; a value of the wrong type names the field and the
 expected type; cross-field problems (batch sizes that do not divide, a reset with no trigger)
@@ -30,9 +30,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
+
+from prorl_megatron.algo.triggers import Threshold, TriggerSpec
+from prorl_megatron.seeds import TRAINING_SPAN, training_seeds_used
 
 AdvantageName = Literal["grpo", "rloo", "reinforce_pp_baseline"]
 KLEstimator = Literal["k1", "abs", "k2", "k3"]
@@ -41,7 +44,7 @@ AggMode = Literal[
 ]
 Domain = Literal["math", "code", "stem", "logic", "instruction"]
 Correction = Literal["none", "token_tis", "seq_mask_tis", "icepop"]  # algo/rollout_correction.py
-HealthAction = Literal["warn", "reset", "next_stage", "stop", "rollback"]  # prorl_megatron/health.py
+HealthAction = Literal["warn", "reset", "next_stage", "stop", "rollback"]  # prorl_megatron/control/decide.py
 
 
 class ConfigError(ValueError):
@@ -127,6 +130,10 @@ class AlgoConfig:
     loss_agg: AggMode = "token-mean"  # DAPO token-level loss
     kl_coef: float = 1e-4  # beta of the KL penalty to the reference policy
     kl_estimator: KLEstimator = "k3"
+    # NeMo-RL's calculate_kl clamps: log(ref/policy) into [-x, x] before the estimator, the
+    # estimate into [-y, y] after it; null: the estimator's own (k3: 20 and 10, the others none)
+    kl_input_clamp: Optional[float] = None
+    kl_output_clamp: Optional[float] = None
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal, refill
     max_sampling_rounds: int = 4  # generation rounds allowed to fill a batch
 
@@ -158,25 +165,86 @@ class TrainConfig:
 
 
 @dataclass
-class ResetConfig:
-    """When the reference policy (and optimizer state) is hard-reset to the current policy.
+class TriggerConfig:
+    """When to act (prorl_megatron/algo/triggers.py): the first of these conditions that holds;
+    null turns a condition off. The shape of ``reset:`` and of every stage's ``enter:``; the
+    health checks are single-threshold views of the same trigger (:func:`health_spec`).
 
-    Triggers combine; ``None`` disables a trigger. ``min_gap_steps`` holds back any trigger
-    until that many steps have passed since the previous reset.
+    For ``reset:`` the clock is the last reset (scheduled, a health check's or a stage entry's);
+    for a stage's ``enter:``, the step the previous stage was entered. A step without the metric
+    (no update) neither extends nor breaks a streak.
     """
 
-    every_n_steps: Optional[int] = None
-    kl_threshold: Optional[float] = None  # mean KL to the reference ...
-    kl_window: int = 1  # ... above the threshold for this many consecutive steps
-    plateau_window: Optional[int] = None  # validation reward not improved for W evaluations
+    ALIASES: ClassVar[dict[str, str]] = {"every_n_steps": "after_steps", "min_gap_steps": "min_steps"}
+
+    after_steps: Optional[int] = None  # this many steps since the clock started (reset: every N steps)
+    kl_threshold: Optional[float] = None  # kl_ref (mean KL to the reference) above this ...
+    kl_window: int = 1  # ... for this many consecutive steps
+    entropy_floor: Optional[float] = None  # the policy's mean token entropy below this ...
+    entropy_window: int = 1  # ... for this many consecutive steps
+    plateau_window: Optional[int] = None  # validation reward not improved for W evaluations ...
     plateau_delta: float = 0.0  # ... by more than this
-    min_gap_steps: int = 0
+    min_steps: int = 0  # no condition fires before this many steps since the clock started
+
+    @property
+    def enabled(self) -> bool:
+        return any(v is not None for v in (self.after_steps, self.kl_threshold, self.entropy_floor,
+                                           self.plateau_window))
+
+    def problems(self, where: str) -> list[str]:
+        """What is wrong with the settings, each message naming ``where`` (``reset``, ``stages[1].enter``)."""
+        out = []
+        for key, low in (("after_steps", 1), ("plateau_window", 1), ("kl_window", 1), ("entropy_window", 1),
+                         ("min_steps", 0)):
+            value = getattr(self, key)
+            if value is not None and value < low:
+                out.append(f"{where}.{key} must be >= {low}{' (or null)' if key in ('after_steps', 'plateau_window') else ''}"
+                           f", got {value}")
+        for key in ("kl_threshold", "entropy_floor"):
+            value = getattr(self, key)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                out.append(f"{where}.{key} must be > 0 (or null), got {value}")
+        return out
+
+    def spec(self) -> TriggerSpec:
+        """The trigger these settings describe."""
+        thresholds = []
+        if self.kl_threshold is not None:
+            thresholds.append(Threshold("kl_ref", ">", self.kl_threshold, self.kl_window, name="kl"))
+        if self.entropy_floor is not None:
+            thresholds.append(Threshold("entropy", "<", self.entropy_floor, self.entropy_window, name="entropy"))
+        return TriggerSpec(after_steps=self.after_steps, thresholds=tuple(thresholds),
+                           plateau_window=self.plateau_window, plateau_delta=self.plateau_delta,
+                           min_steps=self.min_steps)
+
+
+@dataclass
+class ResetConfig(TriggerConfig):
+    """When the reference policy (and optimizer state) is hard-reset to the current policy: a
+    trigger (:class:`TriggerConfig`) whose clock is the last reset. ``every_n_steps`` and
+    ``min_gap_steps`` are the older names of ``after_steps`` and ``min_steps``."""
+
     reset_optimizer: bool = True  # ProRL resets the optimizer state with the reference
+
+
+StageTrigger = TriggerConfig  # a stage's ``enter:``
+
+# health check -> (the metric it reads, the comparison that makes a value bad); reward_floor also
+# needs every reward/mean/<domain> at or below its threshold
+HEALTH_CHECKS: dict[str, tuple[str, str]] = {
+    "entropy_floor": ("entropy", "<"),
+    "kl_ref_ceiling": ("kl_ref", ">"),
+    "approx_kl_ceiling": ("approx_kl", ">"),
+    "mismatch_ceiling": ("mismatch_mean", ">"),
+    "truncated_ceiling": ("response_length/truncated_frac", ">"),
+    "reward_floor": ("reward/mean", "<="),
+}
 
 
 @dataclass
 class HealthCheck:
-    """One health check (prorl_megatron/health.py): off while ``threshold`` is null."""
+    """One health check (prorl_megatron/control/decide.py): off while ``threshold`` is null;
+    the trigger of :func:`health_spec`."""
 
     threshold: Optional[float] = None  # the floor or ceiling of the check's metric
     window: int = 1  # consecutive steps beyond the threshold before the alarm
@@ -198,6 +266,14 @@ class HealthConfig:
     reward_floor: HealthCheck = field(default_factory=HealthCheck)  # reward/mean and every domain's <=
     nonfinite: Optional[HealthAction] = None  # a NaN/inf among the step's metrics: this action; null: off
     max_rollbacks: int = 3  # rollbacks per run; a rollback alarm past them stops the run instead
+
+
+def health_spec(name: str, check: HealthCheck) -> TriggerSpec:
+    """Health check ``name`` (a key of :data:`HEALTH_CHECKS`) as the one trigger type: its metric
+    beyond ``check.threshold`` for ``check.window`` consecutive steps."""
+    metric, op = HEALTH_CHECKS[name]
+    return TriggerSpec(thresholds=(Threshold(metric, op, check.threshold, check.window, name=name,
+                                             every_prefix="reward/mean/" if name == "reward_floor" else None),))
 
 
 @dataclass
@@ -276,22 +352,6 @@ class LoggingConfig:
 
 
 @dataclass
-class StageTrigger:
-    """When a staged run leaves the previous stage for this one: the first trigger that fires
-    (any combination; ``prorl_megatron/algo/reset.py``'s triggers, counted from the step the
-    previous stage was entered). Entering a stage also resets the reference and the optimizer."""
-
-    after_steps: Optional[int] = None  # steps spent in the previous stage
-    kl_threshold: Optional[float] = None  # mean KL to the reference above this ...
-    kl_window: int = 1  # ... for this many consecutive steps
-    plateau_window: Optional[int] = None  # validation reward not improved for W evaluations ...
-    plateau_delta: float = 0.0  # ... by more than this
-    entropy_floor: Optional[float] = None  # mean token entropy below this ...
-    entropy_window: int = 1  # ... for this many consecutive steps
-    min_steps: int = 0  # no trigger fires before this many steps in the previous stage
-
-
-@dataclass
 class StageConfig:
     """One ProRL stage: a name, the recipe keys it changes, and when the run enters it (the
     first stage has no trigger: a run starts there)."""
@@ -300,13 +360,15 @@ class StageConfig:
     # dotted recipe keys -> values (rollout.max_response_tokens: 16384), typed like command-line
     # overrides; they stay in force in later stages unless one changes them again
     overrides: dict[str, Any] = field(default_factory=dict)
-    enter: Optional[StageTrigger] = None
+    # when the run leaves the previous stage for this one (a trigger whose clock is the previous
+    # stage's entry); entering a stage also resets the reference and the optimizer
+    enter: Optional[TriggerConfig] = None
 
 
 # The keys a stage may change: what the loop reads afresh every step, or what entering a stage
-# applies (prorl_megatron/stages.py: lr into the optimizer, sampling into the engine, which is
-# rebuilt when rollout.max_prompt_tokens + max_response_tokens changes, weights into the data
-# mixture, reset.* into the reset scheduler). The rest is fixed for a run (models, layout,
+# applies (prorl_megatron/control/apply.py: lr into the optimizer, sampling into the engine, which
+# is rebuilt when rollout.max_prompt_tokens + max_response_tokens changes, weights into the data
+# mixture; reset.* is the stage's reset schedule). The rest is fixed for a run (models, layout,
 # data files, verifier pool, paths, run length).
 STAGE_KEYS = (
     "rollout.n", "rollout.temperature", "rollout.max_prompt_tokens", "rollout.max_response_tokens", "rollout.stop",
@@ -367,7 +429,6 @@ class Recipe:
             "train.micro_batch_size": self.train.micro_batch_size,
             "train.logprob_chunk_tokens": self.train.logprob_chunk_tokens,
             "train.max_nonfinite_in_row": self.train.max_nonfinite_in_row,
-            "reset.kl_window": self.reset.kl_window,
             "checkpoint.keep_last": self.checkpoint.keep_last,
             "eval.n_samples": self.eval.n_samples,
             "rewards.workers": self.rewards.workers,
@@ -376,7 +437,6 @@ class Recipe:
             need(value >= 1, f"{name} must be >= 1, got {value}")
         non_negative_ints = {
             "rollout.check_sync_every": self.rollout.check_sync_every,
-            "reset.min_gap_steps": self.reset.min_gap_steps,
             "eval.every_n_steps": self.eval.every_n_steps,
             "checkpoint.every_n_steps": self.checkpoint.every_n_steps,
             "logging.console_every": self.logging.console_every,
@@ -389,6 +449,9 @@ class Recipe:
         if self.algo.dual_clip_c is not None:
             need(self.algo.dual_clip_c > 1.0, f"algo.dual_clip_c must be > 1 (or null), got {self.algo.dual_clip_c}")
         need(self.algo.kl_coef >= 0.0, f"algo.kl_coef must be >= 0, got {self.algo.kl_coef}")
+        for name in ("kl_input_clamp", "kl_output_clamp"):
+            value = getattr(self.algo, name)
+            need(value is None or (value > 0 and math.isfinite(value)), f"algo.{name} must be > 0 (or null), got {value}")
         need(not self.parallel.sequence_parallel,
              "parallel.sequence_parallel=true is not supported yet: the models are built without it and the "
              "chunked logprob head expects the whole sequence on every TP rank; leave it false")
@@ -429,14 +492,12 @@ class Recipe:
             f"{self.train.mini_batch_prompts * self.rollout.n} sequences must be a multiple of "
             f"train.micro_batch_size ({self.train.micro_batch_size})",
         )
-        from prorl_megatron.rollout.seeds import TRAINING_SPAN, training_seeds_used
-
         seeds = training_seeds_used(self.train.steps, self.algo.max_sampling_rounds, self.train.prompts_per_step,
                                     self.rollout.n)
         need(
             seeds <= TRAINING_SPAN,
             f"(train.steps + 1) x algo.max_sampling_rounds x train.prompts_per_step x rollout.n = {seeds} "
-            f"sampling seeds exceed the {TRAINING_SPAN} distinct ones a run has (prorl_megatron/rollout/seeds.py)",
+            f"sampling seeds exceed the {TRAINING_SPAN} distinct ones a run has (prorl_megatron/seeds.py)",
         )
         need(self.rewards.timeout_s > 0, f"rewards.timeout_s must be > 0, got {self.rewards.timeout_s}")
         need(
@@ -463,13 +524,9 @@ class Recipe:
                 f"eval.ks: every k must be in [1, eval.n_samples={self.eval.n_samples}], got {k}",
             )
 
-        r = self.reset
-        for name in ("every_n_steps", "plateau_window"):
-            value = getattr(r, name)
-            need(value is None or value >= 1, f"reset.{name} must be >= 1 (or null), got {value}")
-        if r.kl_threshold is not None:
-            need(r.kl_threshold > 0, f"reset.kl_threshold must be > 0 (or null), got {r.kl_threshold}")
-        if r.plateau_window is not None:
+        for problem in self.reset.problems("reset"):
+            need(False, problem)
+        if self.reset.plateau_window is not None:
             need(
                 self.eval.every_n_steps > 0,
                 "reset.plateau_window needs validation rewards: set eval.every_n_steps > 0",
@@ -503,10 +560,8 @@ class Recipe:
                              "does not use a band (icepop and seq_mask_tis do)")
 
     def _validate_health(self, need) -> None:
-        from prorl_megatron.health import CHECKS
-
         h = self.health
-        checks = {name: getattr(h, name) for name in CHECKS}
+        checks = {name: getattr(h, name) for name in HEALTH_CHECKS}
         for name, check in checks.items():
             need(check.window >= 1, f"health.{name}.window must be >= 1, got {check.window}")
             if check.threshold is None:
@@ -663,16 +718,42 @@ def _coerce(value: Any, tp: Any, source: str, dotted: str) -> Any:
     raise TypeError(f"{dotted}: unsupported field type {tp!r}")  # a bug in this module
 
 
+def _fields(cls: type) -> dict[str, Any]:
+    """A section's fields and their types (class-level constants such as ``ALIASES`` aside)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _field_name(cls: type, key: str) -> str:
+    """``key``, or the field that an older name of it (``cls.ALIASES``) stands for."""
+    return getattr(cls, "ALIASES", {}).get(key, key)
+
+
+def canonical_key(dotted: str) -> str:
+    """``dotted`` with every older field name replaced (``reset.every_n_steps`` -> ``reset.after_steps``)."""
+    parts, tp = dotted.split("."), Recipe
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            break
+        parts[i] = _field_name(tp, part)
+        tp = _fields(tp).get(parts[i])
+    return ".".join(parts)
+
+
 def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
     """Instantiate dataclass ``cls`` from ``data``; unknown keys and bad values are errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix or 'recipe'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _fields(cls)
     kwargs = {}
     for key, value in data.items():
-        if key not in hints:
+        name = _field_name(cls, str(key))
+        if name in kwargs or (name != key and name in data):
+            raise ConfigError(f"{source}: {prefix}.{key} and {prefix}.{name} are one setting ({key} is its older "
+                              f"name): give one")
+        if name not in hints:
             raise _unknown_key(source, prefix, str(key), list(hints))
-        kwargs[key] = _coerce(value, hints[key], source, f"{prefix}.{key}" if prefix else key)
+        kwargs[name] = _coerce(value, hints[name], source, f"{prefix}.{name}" if prefix else name)
     return cls(**kwargs)
 
 
@@ -721,7 +802,8 @@ def _set_dotted(data: dict, parts: list[str], value: Any, source: str) -> None:
             return
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"{source}: {prefix} is a value, not a section: cannot set {'.'.join(parts)}")
-        hints = typing.get_type_hints(tp)
+        hints = _fields(tp)
+        part = _field_name(tp, part)
         if part not in hints:
             raise _unknown_key(source, prefix, part, list(hints))
         if last:
@@ -787,17 +869,12 @@ def _check_stages(recipe: Recipe, source: str) -> None:
         if i == 0 and stage.enter is not None:
             raise ConfigError(f"{where}: the first stage has no trigger (a run starts there); remove its 'enter'")
         if i > 0:
-            t = stage.enter
-            if t is None or all(v is None for v in (t.after_steps, t.kl_threshold, t.plateau_window, t.entropy_floor)):
+            if stage.enter is None or not stage.enter.enabled:
                 raise ConfigError(f"{where}: needs a trigger: enter.after_steps, enter.kl_threshold, "
                                   "enter.plateau_window or enter.entropy_floor")
-            for key, value, low in (("after_steps", t.after_steps, 1), ("plateau_window", t.plateau_window, 1),
-                                    ("kl_window", t.kl_window, 1), ("entropy_window", t.entropy_window, 1),
-                                    ("min_steps", t.min_steps, 0)):
-                if value is not None and value < low:
-                    raise ConfigError(f"{where}: enter.{key} must be >= {low}, got {value}")
-            if t.kl_threshold is not None and not t.kl_threshold > 0:
-                raise ConfigError(f"{where}: enter.kl_threshold must be > 0, got {t.kl_threshold}")
+            problems = stage.enter.problems("enter")
+            if problems:
+                raise ConfigError(f"{where}: {'; '.join(problems)}")
         for key in stage.overrides:
             if not stage_key_allowed(str(key)):
                 _set_dotted(to_dict(recipe), str(key).split("."), stage.overrides[key], f"{where} overrides")  # typos
@@ -817,7 +894,7 @@ def _apply_items(recipe: Recipe, items: list[tuple[str, Any, str]], source: str)
 
 
 def _command_line_items(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any, str]]:
-    return [(".".join(parts), value, f"command line ({text})")
+    return [(canonical_key(".".join(parts)), value, f"command line ({text})")
             for text, (parts, value) in ((t, _parse_override(t)) for t in overrides)]
 
 
@@ -871,16 +948,19 @@ def resolve_stages(recipe: Recipe, overrides: list[str] | tuple[str, ...] = (), 
 
 
 def _typed_overrides(recipe: Recipe) -> list[StageConfig]:
-    """The stages with each override value coerced to its key's type."""
+    """The stages with each override value coerced to its key's type, and each key under its
+    current name (:func:`canonical_key`)."""
     stages = copy.deepcopy(recipe.stages)
     for i, stage in enumerate(stages):
+        typed = {}
         for key, value in stage.overrides.items():
             data = to_dict(recipe)
             _set_dotted(data, key.split("."), value, f"{_stage_where(recipe, i)} overrides")
             node = data
-            for part in key.split("."):
+            for part in canonical_key(key).split("."):
                 node = node[part]
-            stage.overrides[key] = node
+            typed[canonical_key(key)] = node
+        stage.overrides = typed
     return stages
 
 

@@ -24,7 +24,7 @@ from prorl_megatron.algo.sampling import pass_at_k
 from prorl_megatron.collect import map_over_world
 from prorl_megatron.data.chat import EncodedPrompt
 from prorl_megatron.rewards.pool import RewardPool, ScoreRequest
-from prorl_megatron.rollout.seeds import eval_base_seed
+from prorl_megatron.seeds import eval_base_seed
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def evaluate(engine: Any, pool: RewardPool, prompts: list[EncodedPrompt], recipe
 
     ``recipe.eval`` gives n, ks, the temperature and top-p; responses get
     ``rollout.max_response_tokens``; sampling is seeded from ``recipe.seed`` by
-    :func:`~prorl_megatron.rollout.seeds.eval_base_seed` (the same seeds at every evaluation,
+    :func:`~prorl_megatron.seeds.eval_base_seed` (the same seeds at every evaluation,
     in training and standalone alike, none shared with training rollouts). With
     ``per_prompt``, the table also holds ``"per_prompt"``: ``{"id", "domain", "n", "correct"}``
     per prompt, in order (what confidence intervals over prompts are computed from).
@@ -86,7 +86,7 @@ def evaluate(engine: Any, pool: RewardPool, prompts: list[EncodedPrompt], recipe
 def main(argv: list[str] | None = None) -> int:
     from prorl_megatron import run_log
     from prorl_megatron.checkpoint.dist_ckpt import read_meta
-    from prorl_megatron.config import add_recipe_arguments, recipe_from_args
+    from prorl_megatron.config import ConfigError, add_recipe_arguments, recipe_from_args
     from prorl_megatron.data.dataset import load_rows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,16 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--per-prompt", action="store_true",
                         help="with --out: also each prompt's sample and correct counts")
+    parser.add_argument("--stage", help="a staged recipe's stage to evaluate in (its name or index); default: the "
+                                        "stage the training checkpoint was written in, as the trainer's validation")
     args = parser.parse_args(argv)
-    recipe = recipe_from_args(args)
+    checkpoint = Path(args.checkpoint)
+    loop = None
+    if (checkpoint / "prorl_meta.json").is_file():
+        loop = read_meta(checkpoint).get("loop")
+    elif not (checkpoint / "config.json").is_file():
+        raise SystemExit(f"{checkpoint}: neither a Megatron checkpoint (prorl_meta.json) nor a HF directory")
+    try:
+        recipe = evaluation_recipe(recipe_from_args(args), tuple(args.overrides), loop, args.stage)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     files = args.files or recipe.data.val_files
     if not files:
         parser.error("no prompts: pass --files or set data.val_files")
-    checkpoint = Path(args.checkpoint)
-    if (checkpoint / "prorl_meta.json").is_file():
-        read_meta(checkpoint)
-    elif not (checkpoint / "config.json").is_file():
-        raise SystemExit(f"{checkpoint}: neither a Megatron checkpoint (prorl_meta.json) nor a HF directory")
     rows = load_rows(files, recipe.data.on_bad_row).rows
     # library notices and every rank's log go to {logging.dir}/eval.log (see run_log)
     with run_log.routed(recipe.logging.dir, name="eval.log"):
@@ -118,6 +124,28 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     sys.stdout.flush()
     return 0
+
+
+def evaluation_recipe(recipe: Any, overrides: tuple[str, ...], loop: Any, stage: str | None) -> Any:
+    """The recipe to evaluate a checkpoint with: for a staged recipe, the stage ``stage`` names
+    (a name or an index), else the stage the training checkpoint's loop state ``loop`` is in
+    (stage 0 for a converted model), the command line's ``overrides`` on top."""
+    from prorl_megatron.config import ConfigError
+    from prorl_megatron.stages import recipe_in_stage, saved_stage
+
+    if stage is None:
+        index, name = saved_stage(loop, recipe)
+        said = "the checkpoint was written in"
+    else:
+        names = [s.name for s in recipe.stages]
+        index = int(stage) if stage.isdigit() else names.index(stage) if stage in names else -1
+        if not 0 <= index < max(len(names), 1):
+            raise ConfigError(f"--stage {stage}: no such stage; this recipe's stages are {names}")
+        name, said = (names[index] if names else ""), "--stage asks for"
+    staged = recipe_in_stage(recipe, overrides, index, name, said)
+    if index:
+        log.info("evaluating in stage %d %r", index, name)
+    return staged
 
 
 def evaluate_checkpoint(checkpoint: Path, rows: list[Any], recipe: Any, per_prompt: bool = False) -> dict[str, Any]:

@@ -71,10 +71,7 @@ def run(recipe: Recipe, log=print) -> dict[str, float]:
     reference = policy.detach().clone()
     new_optimizer = lambda: torch.optim.AdamW([policy], lr=TABLE_LR, weight_decay=0.0)  # noqa: E731
     optimizer = new_optimizer()
-    scheduler = algo.ResetScheduler(
-        every_n_steps=recipe.reset.every_n_steps, kl_threshold=recipe.reset.kl_threshold,
-        kl_window=recipe.reset.kl_window, min_gap_steps=recipe.reset.min_gap_steps,
-    )
+    scheduler = algo.Trigger(recipe.reset.spec())  # the recipe's reset schedule
     ks = sorted(set(recipe.eval.ks))
     n_eval = recipe.eval.n_samples
     before = pass_rates(policy.detach(), targets, n_eval, ks, ro.temperature, recipe.seed)
@@ -117,8 +114,7 @@ def run(recipe: Recipe, log=print) -> dict[str, float]:
                 optimizer.zero_grad()
                 (pg_loss + al.kl_coef * kl).backward()
                 optimizer.step()
-            metrics.update(kl=kl.item(), clip_frac=pg["clip_frac"])
-        metrics.setdefault("kl", 0.0)
+            metrics.update(kl_ref=kl.item(), clip_frac=pg["clip_frac"])
 
         event = scheduler.observe(step, metrics)
         if event is not None:  # hard reset: reference <- policy, fresh optimizer state
@@ -132,12 +128,12 @@ def run(recipe: Recipe, log=print) -> dict[str, float]:
             log(f"step {step:4d}  reset: {event.reason} (KL to the reference now {kl_now:g})")
         if step == 1 or step % 10 == 0 or step == tr.steps:
             log(f"step {step:4d}  reward {metrics['reward']:.3f}  kept {kept_frac:.2f}  "
-                f"KL {metrics['kl']:.4f}  clip {metrics.get('clip_frac', 0.0):.3f}")
+                f"KL {metrics.get('kl_ref', 0.0):.4f}  clip {metrics.get('clip_frac', 0.0):.3f}")
 
     after = pass_rates(policy.detach(), targets, n_eval, ks, ro.temperature, recipe.seed + 1)
     result = {f"pass@{k}_before": before[k] for k in ks} | {f"pass@{k}_after": after[k] for k in ks}
     result |= {
-        "resets": float(scheduler.num_resets),
+        "resets": float(scheduler.fired),
         "on_policy_ratio_exact": float(on_policy_ratio_exact),
         "kl_zero_after_reset": float(kl_zero_after_reset),
         "reward_doubled": float(after[1] >= 2 * before[1]) if 1 in after else float("nan"),

@@ -13,7 +13,7 @@ import yaml
 
 import numpy as np
 
-from prorl_megatron.ablate import GridError, load_grid
+from prorl_megatron.ablate_grid import GridError, load_grid
 from prorl_megatron.ablate_report import (Run, bootstrap_interval, coverage_change, equal_samples_line, fill_blocks,
                                           samples_to_reach)
 
@@ -44,7 +44,7 @@ def test_grid_errors_name_the_field(tmp_path, changes, message):
 
 
 def test_shipped_grid_arms_make_valid_recipes():
-    from prorl_megatron.ablate import override_args
+    from prorl_megatron.ablate_grid import override_args
     from prorl_megatron.config import load_recipe
 
     grid = load_grid(ROOT / "recipes" / "ablations" / "add4.yaml")
@@ -52,7 +52,7 @@ def test_shipped_grid_arms_make_valid_recipes():
     recipes = {a.name: load_recipe(ROOT / grid.recipe, override_args(a.overrides)) for a in grid.arms}
     assert (recipes["prorl"].algo.eps_high, recipes["clip-0.2-0.2"].algo.eps_high) == (0.4, 0.2)
     assert recipes["no-kl"].algo.kl_coef == 0 and recipes["prorl"].algo.kl_coef >= 0.01
-    assert recipes["kl-no-reset"].reset.every_n_steps is None and recipes["prorl"].reset.every_n_steps
+    assert recipes["kl-no-reset"].reset.after_steps is None and recipes["prorl"].reset.after_steps
     assert not recipes["no-dynamic-sampling"].algo.dynamic_sampling and recipes["prorl"].algo.dynamic_sampling
     assert len(recipes["staged"].stages) >= 2
 

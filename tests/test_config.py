@@ -49,7 +49,7 @@ def test_overrides_are_coerced_to_the_field_type(tmp_path):
     assert r.rollout.n == 8 and isinstance(r.rollout.n, int)
     assert r.algo.kl_coef == 1e-3  # YAML 1.1 reads 1e-3 as a string: coerced
     assert r.rollout.stop == ["</answer>", "\\n\\n"]
-    assert r.reset.every_n_steps == 100 and r.algo.dual_clip_c is None
+    assert r.reset.after_steps == 100 and r.algo.dual_clip_c is None  # reset.every_n_steps: its older name
     assert r.eval.ks == [1, 4] and r.data.domain_weights == {"math": 2.0}
     assert r.algo.dynamic_sampling is False
     assert r.train.lr == 1.0 and isinstance(r.train.lr, float)
@@ -195,3 +195,24 @@ def test_rollout_correction_settings(tmp_path):
             C.load_recipe(path, list(overrides))
     with pytest.raises(C.ConfigError, match="did you mean 'icepop'"):
         C.load_recipe(path, ["rollout.correction=icepopp"])
+
+
+def test_older_trigger_names_load_under_the_one_trigger_shape(tmp_path):
+    """reset.every_n_steps / min_gap_steps (recipes written before the run controller) are the
+    trigger's after_steps / min_steps, in a file, on the command line and in a stage's overrides."""
+    path = write(tmp_path, "reset:\n  every_n_steps: 300\n  min_gap_steps: 150\n  plateau_window: 4\n"
+                           "eval:\n  every_n_steps: 50\n")
+    r = C.load_recipe(path)
+    assert (r.reset.after_steps, r.reset.min_steps, r.reset.plateau_window) == (300, 150, 4)
+    assert C.to_dict(r)["reset"]["after_steps"] == 300 and "every_n_steps" not in C.to_dict(r)["reset"]
+    assert C.load_recipe(path, ["reset.every_n_steps=7"]).reset.after_steps == 7
+    with pytest.raises(C.ConfigError, match="reset.every_n_steps and reset.after_steps are one setting"):
+        C.load_recipe(write(tmp_path, "reset:\n  every_n_steps: 3\n  after_steps: 4\n", "both.yaml"))
+    staged = write(tmp_path, "eval:\n  every_n_steps: 5\nstages:\n  - name: a\n  - name: b\n"
+                             "    enter: {after_steps: 2}\n    overrides: {reset.every_n_steps: 9}\n", "staged.yaml")
+    first = C.load_recipe(staged, ["reset.min_gap_steps=1"])
+    assert first.stages[1].overrides == {"reset.after_steps": 9}
+    assert [s.reset.after_steps for s in C.resolve_stages(first, ["reset.min_gap_steps=1"])] == [None, 9]
+    assert C.stage_overridden(first, 1, ["reset.every_n_steps=2"]) == [
+        "command line reset.after_steps=2 overrides stage 1 'b''s reset.after_steps=9"]
+    assert C.StageTrigger is C.TriggerConfig and isinstance(r.reset, C.TriggerConfig)

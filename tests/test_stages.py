@@ -1,14 +1,13 @@
-"""Staged recipes (config.StageConfig) and the stage decision (prorl_megatron/stages.py)."""
+"""Staged recipes (config.StageConfig, prorl_megatron/stages.py): each stage's recipe, the recipe a
+checkpoint resumes with, and the refusals (the stage entries are tests/control/test_decide.py's)."""
 
-import random
 from pathlib import Path
 
 import pytest
 import yaml
 
 from prorl_megatron import config as C
-from prorl_megatron.stages import StageTracker, changes, recipe_to_resume
-from tests.algo.test_reset import run as walk  # step by step: {step: what observe returned}
+from prorl_megatron.stages import changes, recipe_to_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (ROOT / "recipes/tiny_cpu.yaml").read_text()
@@ -107,56 +106,3 @@ def test_resume_recipe_lands_in_the_saved_stage_and_the_command_line_wins(tmp_pa
     assert "command line algo.kl_coef=0.2 overrides stage 1 'long''s algo.kl_coef=0.05" in caplog.text
     with pytest.raises(C.ConfigError, match=r"written in stage 1 'longer'; this recipe's stages are"):
         recipe_to_resume(first, cli, {"stage": {"index": 1, "name": "longer"}})
-
-
-def three_stages(**third):
-    return [C.StageConfig(name="a"), C.StageConfig(name="b", enter=C.StageTrigger(after_steps=4)),
-            C.StageConfig(name="c", enter=C.StageTrigger(**third))]
-
-
-def test_tracker_enters_by_steps_then_by_entropy_floor():
-    tracker = StageTracker(three_stages(entropy_floor=0.5, entropy_window=2))
-    entropies = [0.1, 0.1, 0.1, 0.1, 0.9, 0.4, 0.9, 0.3, 0.2, 0.1]
-    entries = walk(tracker, [{"kl": 0.0, "entropy": e} for e in entropies])
-    assert list(entries) == [4, 9]  # the floor counts only steps in stage b (5..)
-    assert (entries[4].index, entries[4].name, entries[4].reason) == (1, "b", "4 steps in the previous stage")
-    assert entries[9].triggers == ("entropy",) and "entropy 0.2 < 0.5 for 2 consecutive steps" in entries[9].reason
-    assert tracker.index == 2 and tracker.trigger is None
-    assert walk(tracker, [{"kl": 0.0, "entropy": 0.0}] * 5, start=11) == {}  # the last stage lasts
-
-
-def test_tracker_enters_by_validation_plateau():
-    tracker = StageTracker(three_stages(plateau_window=2, plateau_delta=0.01, min_steps=3))
-    signals = [{"kl": 0.0} for _ in range(20)]
-    for step, v in {6: 0.3, 8: 0.35, 10: 0.355, 12: 0.34, 14: 0.5}.items():
-        signals[step - 1]["val_reward"] = v
-    entries = walk(tracker, signals)
-    assert list(entries) == [4, 12] and entries[12].triggers == ("plateau",)
-    assert "not above the best 0.35 by > 0.01 for 2 evaluations" in entries[12].reason
-
-
-@pytest.mark.parametrize("cut", [2, 4, 5, 6, 9, 13])
-def test_tracker_resumes_exactly(cut):
-    rng = random.Random(cut)
-    signals = [{"kl": rng.uniform(0, 0.2), "entropy": rng.uniform(0, 1), **({"val_reward": rng.random()}
-                                                                             if s % 3 == 0 else {})}
-               for s in range(1, 31)]
-    third = dict(entropy_floor=0.6, entropy_window=2, kl_threshold=0.19, min_steps=3)
-    straight = walk(StageTracker(three_stages(**third)), signals)
-    first = StageTracker(three_stages(**third))
-    entries = walk(first, signals[:cut])
-    resumed = StageTracker(three_stages(**third))
-    resumed.load_state_dict(first.state_dict())
-    entries.update(walk(resumed, signals[cut:], start=cut + 1))
-    assert entries == straight and len(straight) == 2
-
-
-def test_a_health_check_moves_the_tracker_to_the_next_stage():
-    """health action next_stage: the next stage now, its own trigger armed from this step."""
-    tracker = StageTracker(three_stages(entropy_floor=0.5, entropy_window=2))
-    entry = tracker.advance(2, "health check entropy_floor: entropy 0.1 < 0.2 for 2 steps")
-    assert (entry.step, entry.index, entry.name, entry.triggers) == (2, 1, "b", ("health",))
-    assert tracker.entered_step == 2
-    entries = walk(tracker, [{"kl": 0.0, "entropy": e} for e in (0.9, 0.4, 0.3)], start=3)
-    assert list(entries) == [5]  # stage c's entropy floor counts from stage b's entry by health
-    assert tracker.advance(6, "again") is None and tracker.index == 2  # the last stage lasts

@@ -4,13 +4,14 @@
 - :mod:`~prorl_megatron.algo.losses`: clipped surrogate (decoupled eps, dual clip,
   importance weights), KL estimators, loss aggregation, the whole objective;
 - :mod:`~prorl_megatron.algo.sampling`: dynamic-sampling filter, pass@k;
-- :mod:`~prorl_megatron.algo.reset`: the reference-reset scheduler;
+- :mod:`~prorl_megatron.algo.triggers`: when a run intervenes (reference resets, stage entries,
+  health checks): one trigger type;
 - :mod:`~prorl_megatron.algo.rollout_correction`: train/rollout logprob mismatch, TIS,
   IcePop and sequence-masked TIS weights;
 - :mod:`~prorl_megatron.algo.length_penalty`: ProRL v2's scheduled cosine length penalty.
 """
 
-from prorl_megatron.algo import advantages, length_penalty, losses, reset, rollout_correction, sampling
+from prorl_megatron.algo import advantages, length_penalty, losses, rollout_correction, sampling, triggers
 from prorl_megatron.algo.advantages import (
     compute_advantages,
     grpo_advantages,
@@ -19,7 +20,6 @@ from prorl_megatron.algo.advantages import (
 )
 from prorl_megatron.algo.length_penalty import scheduled_cosine_length_rewards
 from prorl_megatron.algo.losses import aggregate, kl_penalty, policy_kl_loss, policy_loss
-from prorl_megatron.algo.reset import ResetEvent, ResetScheduler
 from prorl_megatron.algo.rollout_correction import (
     correction_weights,
     icepop_weights,
@@ -28,14 +28,15 @@ from prorl_megatron.algo.rollout_correction import (
     tis_weights,
 )
 from prorl_megatron.algo.sampling import keep_informative_groups, pass_at_k
+from prorl_megatron.algo.triggers import Fired, Threshold, Trigger, TriggerSpec
 
 __all__ = [
     "advantages",
     "length_penalty",
     "losses",
-    "reset",
     "rollout_correction",
     "sampling",
+    "triggers",
     "compute_advantages",
     "grpo_advantages",
     "rloo_advantages",
@@ -44,8 +45,10 @@ __all__ = [
     "kl_penalty",
     "policy_loss",
     "policy_kl_loss",
-    "ResetEvent",
-    "ResetScheduler",
+    "Fired",
+    "Threshold",
+    "Trigger",
+    "TriggerSpec",
     "logprob_mismatch",
     "tis_weights",
     "icepop_weights",

@@ -22,7 +22,7 @@ import torch
 from prorl_megatron.checkpoint.hf_mapping import rules as mapping_rules
 from prorl_megatron.config import PrecisionConfig, RolloutConfig
 from prorl_megatron.models.architectures import model_dims, read_hf_config
-from prorl_megatron.rollout.seeds import request_seed
+from prorl_megatron.seeds import request_seed
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class RolloutEngine:
         """``n`` samples for each prompt (token ids); recipe values unless overridden.
 
         ``seed`` makes the sampling reproducible: sample ``j`` of ``prompts[i]`` is seeded
-        ``request_seed(seed, first_index + i, n) + j`` (:mod:`~prorl_megatron.rollout.seeds`):
+        ``request_seed(seed, first_index + i, n) + j`` (:mod:`~prorl_megatron.seeds`):
         every (prompt, sample) of a round has its own noise stream. ``first_index``: the index
         of ``prompts[0]`` in the whole round, when this is a share of it.
         """

@@ -78,6 +78,13 @@ SYNC_TOLERANCES = {
 }
 
 
+def sync_tolerance(params_dtype: str) -> SyncTolerance:
+    """The parity check's tolerance for the recipe's dtype. float32 on a GPU computes its matmuls
+    in TF32 where allowed (NGC images force it: TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1), whose
+    10-bit mantissa is float16's: it gets float16's tolerance there."""
+    return SYNC_TOLERANCES["float16" if params_dtype == "float32" and torch.cuda.is_available() else params_dtype]
+
+
 def sync_statistics(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
     """``mean``, ``p90`` and ``max`` of ``|got - want|`` (1-D, one entry per probe token)."""
     diff = (got.float() - want.float()).abs()

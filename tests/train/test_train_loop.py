@@ -50,7 +50,7 @@ def test_tp2_run_resets_evaluates_checkpoints_and_plots(tiny_base, tmp_path):
     assert (ckpt / "latest").read_text().strip() == "step_00000004"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000004"]  # keep_last=1
     meta = json.loads((ckpt / "step_00000004" / "prorl_meta.json").read_text())
-    assert meta["step"] == 4 and meta["loop"]["scheduler"]["num_resets"] == 2 and meta["optimizer_empty"]
+    assert meta["step"] == 4 and meta["loop"]["counters"]["resets"] == 2 and meta["optimizer_empty"]
 
     # eval.py reads the training checkpoint's policy; tools/plot.py draws the run
     out = tmp_path / "eval.json"

@@ -46,22 +46,22 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def logprob_pass(run, batch, plan) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def logprob_pass(trainer, recipe, batch, plan) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Old/reference logprobs of every row (each rank fills its own), entropy and KL means."""
     sums = TokenSums()
-    train.old_and_reference_logprobs(run, batch, plan, sums)
+    train.old_and_reference_logprobs(trainer, recipe, batch, plan, sums)
     logprobs = {k: gathered(batch[k]) for k in ("old_logprobs", "ref_logprobs")}
     return logprobs, sums.means(["entropy", "kl_ref", "mismatch_mean"], ["mismatch_max"])
 
 
-def update_pass(run, batch, plan) -> tuple[dict[str, float], list[torch.Tensor]]:
+def update_pass(trainer, recipe, batch, plan) -> tuple[dict[str, float], list[torch.Tensor]]:
     """Each mini-batch's loss means and DP-reduced gradients (no optimizer step)."""
     stats, grads = {}, []
     for mini_batch in plan:
         sums = TokenSums()
-        train.policy_gradients(run, batch, mini_batch, sums)
+        train.policy_gradients(trainer, recipe, batch, mini_batch, sums)
         stats.update({f"{k}/{len(grads)}": v for k, v in sums.means(["loss", "pg_loss", "kl_loss", "clip_frac"]).items()})
-        grads.append(torch.cat([p.main_grad.flatten().clone() for p in run.policy.parameters()]))
+        grads.append(torch.cat([p.main_grad.flatten().clone() for p in trainer.policy.parameters()]))
     return stats, grads
 
 
@@ -73,9 +73,9 @@ def main(hf_dir: str) -> None:
     for key, value in overrides.items():
         section, name = key.split(".")
         setattr(getattr(recipe, section), name, value)
-    run = train.passes_only(recipe)
-    rank, dp = run.layout.dp_rank, run.layout.data
-    samples = long_tailed_samples(run.dims.vocab_size)
+    trainer = train.passes_only(recipe)
+    rank, dp = trainer.layout.dp_rank, trainer.layout.data
+    samples = long_tailed_samples(trainer.dims.vocab_size)
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     groups = [[i for i, s in enumerate(samples) if s.group == k] for k in range(GROUPS)]
     by_count = training_plan(groups, 2, dp, rank, recipe.train.micro_batch_size)
@@ -89,14 +89,14 @@ def main(hf_dir: str) -> None:
         for plan in (by_count, by_tokens):
             batch = make_batch(samples)
             batch["advantages"] = compute_advantages("grpo", batch["rewards"], batch["group_ids"], batch["mask"])
-            logprobs, stats = logprob_pass(run, batch, plan)
+            logprobs, stats = logprob_pass(trainer, recipe, batch, plan)
             # both updates get the same inputs: the count plan's logprobs, the old ones moved off
             # the policy (ratios away from 1, so clipping acts) by noise drawn alike on every rank
             first = results[0][0] if results else logprobs
             noise = 0.3 * torch.randn(batch["mask"].shape, generator=torch.Generator().manual_seed(1))
             batch["old_logprobs"] = first["old_logprobs"] + noise
             batch["ref_logprobs"] = first["ref_logprobs"]
-            update_stats, grads = update_pass(run, batch, plan)
+            update_stats, grads = update_pass(trainer, recipe, batch, plan)
             results.append((logprobs, {**stats, **update_stats}, grads))
         (lp_a, st_a, gr_a), (lp_b, st_b, gr_b) = results
         real = make_batch(samples)["mask"]  # padded positions hold whatever their micro-batch gave

@@ -1,4 +1,4 @@
-"""Sampling seeds (prorl_megatron.rollout.seeds): one noise stream per (step, round, prompt,
+"""Sampling seeds (prorl_megatron.seeds): one noise stream per (step, round, prompt,
 sample), independent of the engine layout."""
 
 import itertools
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prorl_megatron.collect import shard_bounds
-from prorl_megatron.rollout import seeds as S
+from prorl_megatron import seeds as S
 
 
 def sample_seeds(base: int, prompts: int, n: int) -> list[int]:
