@@ -62,7 +62,7 @@ from prorl_megatron.models.policy import (
     loss_scale, optimizer_step, reset_optimizer_state, set_learning_rate, still_calibrating, zero_grads,
 )
 from prorl_megatron.parallel import Layout, init_parallel, read_launch_env
-from prorl_megatron.plan import check_fits, device_memory_bytes
+from prorl_megatron.plan import check_fits, cost_model, device_memory_bytes
 from prorl_megatron.rewards.pool import RewardPool, pool_settings
 from prorl_megatron.rollout.batch import (
     MiniBatch, Sample, TrainBatch, make_batch, micro_batches, response_values, training_plan,
@@ -163,7 +163,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         groups = [[i for i, s in enumerate(samples) if s.group == g] for g in range(samples[-1].group + 1)]
         plan = training_plan(groups, cfg.train.mini_batch_prompts, run.layout.data, run.layout.dp_rank,
                              cfg.train.micro_batch_size, (batch["prompt_len"] + batch["response_len"]).tolist(),
-                             cfg.train.max_tokens_per_micro_batch, run.packed)
+                             cfg.train.max_tokens_per_micro_batch, run.packed, cost_model(run.dims, run.policy.config))
         sums = TokenSums()
 
         # 5. old-policy and reference logprobs (no grad), entropy, KL to the reference
