@@ -71,6 +71,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from prorl_megatron.plan import matmul_params  # noqa: E402
+
 # DeepSeek-R1-Distill-Qwen-1.5B's config.json (the fields model_dims reads); random weights
 QWEN2_1P5B = dict(
     architectures=["Qwen2ForCausalLM"], hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
@@ -142,14 +144,6 @@ def is_oom(error: BaseException) -> bool:
 # --------------------------------------------------------------------------------------
 # FLOPs and memory estimates
 # --------------------------------------------------------------------------------------
-
-
-def matmul_params(dims) -> int:
-    """Parameters that multiply every token: the layers' linear weights and the output layer."""
-    h, hd = dims.hidden_size, dims.head_dim
-    attention = h * hd * (dims.num_heads + 2 * dims.num_kv_heads) + dims.num_heads * hd * h
-    mlp = 3 * h * dims.ffn_hidden_size  # gate, up, down
-    return dims.num_layers * (attention + mlp) + dims.padded_vocab_size * h
 
 
 def model_flops(dims, lengths: list[int]) -> float:

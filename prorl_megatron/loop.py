@@ -30,7 +30,8 @@ from prorl_megatron.models.policy import optimizer_state_is_empty, set_learning_
 @dataclass
 class Trainer:
     """What trains. ``policy``/``reference``: the GPTModel shards (what is saved and synced);
-    ``policy_ddp``/``reference_module``: what runs; ``packed``: micro-batches are packed."""
+    ``policy_ddp``/``reference_module``: what runs; ``packed``: micro-batches are packed;
+    ``cost``: what the training plan balances over DP ranks (a rollout.batch.CostModel)."""
 
     layout: Any  # prorl_megatron.parallel.Layout
     dims: Any  # prorl_megatron.models.architectures.ModelDims
@@ -42,6 +43,7 @@ class Trainer:
     reference_module: Any
     optimizer: Any
     packed: bool = False
+    cost: Any = None
 
 
 @dataclass

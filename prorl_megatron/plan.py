@@ -40,10 +40,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from prorl_megatron.config import ConfigError, Recipe, add_recipe_arguments, recipe_from_args
 from prorl_megatron.models.architectures import ModelDims
+from prorl_megatron.models.forward import packing_multiples
+from prorl_megatron.rollout.batch import CostModel
 
 GIB = 1 << 30
 H100_80GB = 81559 * (1 << 20)  # what an H100-80GB reports: 79.6 GiB
@@ -151,6 +153,38 @@ def model_params(dims: ModelDims) -> int:
     """The whole model as vLLM loads it (unpadded vocabulary)."""
     embedding = dims.vocab_size * dims.hidden_size
     return layer_params(dims) * dims.num_layers + embedding * (1 if dims.tied_embeddings else 2) + dims.hidden_size
+
+
+def matmul_params(dims: ModelDims) -> int:
+    """Parameters that multiply every token: the layers' linear weights and the output layer."""
+    h, hd = dims.hidden_size, dims.head_dim
+    attention = h * hd * (dims.num_heads + 2 * dims.num_kv_heads) + dims.num_heads * hd * h
+    mlp = 3 * h * dims.ffn_hidden_size  # gate, up, down
+    return dims.num_layers * (attention + mlp) + dims.padded_vocab_size * h
+
+
+# --------------------------------------------------------------------------------------
+# Compute: what the training planner balances
+# --------------------------------------------------------------------------------------
+
+
+def cost_model(dims: ModelDims, config: Any = None) -> CostModel:
+    """The training planner's cost model for ``dims``: forward FLOPs of one sequence of L tokens,
+    ``2 N L`` for the N matmul parameters every token goes through (layers and output layer) and
+    ``2 layers heads head_dim L^2`` for causal attention's QK^T and AV (half of the L x L scores,
+    as flash attention computes them): for the 1.5B model attention adds L / 36k to each token's
+    cost. The backward pass costs about twice the forward in both terms, so their ratio, all the
+    plan sees, holds for the update too. Left out: norms, RoPE, the softmax, and what a
+    micro-batch costs whatever its length (kernel launches). ``config``: megatron's
+    ``TransformerConfig``, whose packing multiples (sequence parallelism, FP8) packed
+    micro-batches need; None: none.
+
+    Not calibrated: this is the seam where a fit of measured micro-batch times to ``a L + b L^2``
+    per sequence would give ``CostModel(a, b, ...)`` instead.
+    """
+    multiples = packing_multiples(config) if config is not None else (1, 1)
+    quadratic = 2 * dims.num_layers * dims.num_heads * dims.head_dim
+    return CostModel(2 * matmul_params(dims), quadratic, *multiples)
 
 
 # --------------------------------------------------------------------------------------

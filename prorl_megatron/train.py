@@ -59,9 +59,10 @@ from prorl_megatron.models.policy import (
     still_calibrating, zero_grads,
 )
 from prorl_megatron.parallel import Layout, init_parallel, read_launch_env
-from prorl_megatron.plan import check_fits, device_memory_bytes
-from prorl_megatron.rollout.batch import MiniBatch, Sample, TrainBatch, make_batch, micro_batches, response_values, \
-    training_plan
+from prorl_megatron.plan import check_fits, cost_model, device_memory_bytes
+from prorl_megatron.rollout.batch import (
+    MiniBatch, Sample, TrainBatch, make_batch, micro_batches, response_values, training_plan,
+)
 from prorl_megatron.seeds import rollout_base_seed
 from prorl_megatron.stages import recipe_to_resume
 
@@ -90,7 +91,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         plan = training_plan([[i for i, s in enumerate(samples) if s.group == g] for g in range(samples[-1].group + 1)],
                              cfg.train.mini_batch_prompts, trainer.layout.data, trainer.layout.dp_rank,
                              cfg.train.micro_batch_size, (batch["prompt_len"] + batch["response_len"]).tolist(),
-                             cfg.train.max_tokens_per_micro_batch, trainer.packed)
+                             cfg.train.max_tokens_per_micro_batch, trainer.packed, trainer.cost)
         sums = TokenSums()
 
         # 5. old-policy and reference logprobs (no grad), entropy, KL to the reference
@@ -548,7 +549,7 @@ def build_trainer(recipe: Recipe, dims: ModelDims, hf_dir: Path, layout: Layout,
     optimizer = build_optimizer(policy_ddp, recipe.train, recipe.precision)
     return Trainer(layout=layout, dims=dims, hf_dir=hf_dir, pad_id=pad_id, policy=policy, policy_ddp=policy_ddp,
                    reference=reference, reference_module=reference_module, optimizer=optimizer,
-                   packed=packing_decision(recipe, policy))
+                   packed=packing_decision(recipe, policy), cost=cost_model(dims, policy.config))
 
 
 def packing_decision(recipe: Recipe, policy: Any) -> bool:

@@ -77,8 +77,8 @@ LAYERS = [
     {"config", "parallel", "data"},  # recipes; the process group; prompt data
     {"models", "run_log", "stages", "demo"},  # Megatron models; where output goes; staged recipes
     {"checkpoint", "metrics", "control.decide", "selfcheck", "ablate_grid"},
-    {"rollout", "plan", "loop", "ablate_report"},  # vLLM; the memory plan; what the loop holds
-    {"eval", "control.apply"},  # evaluation; carrying out the controller's actions
+    {"rollout", "loop", "ablate_report"},  # vLLM and the training plan; what the loop holds
+    {"eval", "control.apply", "plan"},  # evaluation; the controller's actions; the memory plan and costs
     {"train", "ablate"},  # the entry points
 ]
 

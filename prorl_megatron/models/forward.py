@@ -97,6 +97,15 @@ class Packed:
         return torch.where(real, values[..., index], torch.zeros((), dtype=values.dtype, device=device))
 
 
+def padded_lengths(lengths: Sequence[int], multiple: int = 1, total_multiple: int = 1) -> list[int]:
+    """Tokens each sequence of these real ``lengths`` takes in a packed row: its length rounded up
+    to ``multiple``, the last one also taking the row's tail up to a multiple of ``total_multiple``."""
+    padded = [_round_up(int(n), multiple) for n in lengths]
+    if padded:
+        padded[-1] += _round_up(sum(padded), total_multiple) - sum(padded)
+    return padded
+
+
 def pack_sequences(input_ids: torch.Tensor, lengths: torch.Tensor | Sequence[int], multiple: int = 1,
                    total_multiple: int = 1) -> Packed:
     """Lay the right-padded rows ``input_ids`` [B, S] end to end (see :class:`Packed`).
@@ -109,8 +118,7 @@ def pack_sequences(input_ids: torch.Tensor, lengths: torch.Tensor | Sequence[int
     if len(lengths) != rows or not all(1 <= n <= width for n in lengths):
         raise ValueError(f"lengths {lengths}: expected {rows} values in [1, {width}] "
                          f"(input_ids {list(input_ids.shape)})")
-    padded = [_round_up(n, multiple) for n in lengths]
-    padded[-1] += _round_up(sum(padded), total_multiple) - sum(padded)
+    padded = padded_lengths(lengths, multiple, total_multiple)
     device = input_ids.device
     padded_t = torch.tensor(padded, device=device)
     cu = torch.zeros(rows + 1, dtype=torch.long, device=device)
@@ -149,8 +157,7 @@ def packing_multiples(config: Any) -> tuple[int, int]:
 
 def packed_tokens(lengths: Sequence[int], config: Any) -> int:
     """T of the packed row of sequences of these real ``lengths``: a micro-batch's token cost."""
-    multiple, total = packing_multiples(config)
-    return _round_up(sum(_round_up(int(n), multiple) for n in lengths), total)
+    return sum(padded_lengths(lengths, *packing_multiples(config)))
 
 
 def packing_unavailable_reason(model: Any) -> Optional[str]:

@@ -5,8 +5,9 @@
 On one long-tailed batch, for each loss aggregation: the old and reference logprobs, the
 entropy and KL statistics, the loss and the DP-reduced gradients of every mini-batch are
 computed once under the row-count plan (``train.micro_batch_size`` rows, split in order) and
-once under the token-budget plan (rows grouped by length, balanced over ranks by tokens);
-they must agree in float32 to 1e-6. Prints ``OK`` and the largest differences.
+once under the token-budget plan as ``train_step`` makes it (rows balanced over ranks by the
+model's cost model, grouped by length under the budget); they must agree in float32 to 1e-6.
+Prints ``OK`` and the largest differences.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prorl_megatron import train
 from prorl_megatron.algo import compute_advantages
 from prorl_megatron.config import Recipe
 from prorl_megatron.metrics import TokenSums
-from prorl_megatron.rollout.batch import Sample, make_batch, micro_batch_cost, training_plan
+from prorl_megatron.rollout.batch import Sample, make_batch, micro_batch_tokens, training_plan
 
 GROUPS, N, BUDGET = 4, 6, 160
 
@@ -79,9 +80,11 @@ def main(hf_dir: str) -> None:
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     groups = [[i for i, s in enumerate(samples) if s.group == k] for k in range(GROUPS)]
     by_count = training_plan(groups, 2, dp, rank, recipe.train.micro_batch_size)
-    by_tokens = training_plan(groups, 2, dp, rank, recipe.train.micro_batch_size, lengths, BUDGET)
+    by_tokens = training_plan(groups, 2, dp, rank, recipe.train.micro_batch_size, lengths, BUDGET, trainer.packed,
+                              trainer.cost)  # as train_step plans
     assert [m.micro for m in by_count] != [m.micro for m in by_tokens], "the two plans must group rows differently"
-    assert all(micro_batch_cost([lengths[r] for r in mb]) <= BUDGET for m in by_tokens for mb in m.micro if len(mb) > 1)
+    assert all(micro_batch_tokens([lengths[r] for r in mb], trainer.packed, trainer.cost) <= BUDGET
+               for m in by_tokens for mb in m.micro if len(mb) > 1)
     worst = {}
     for agg in ("token-mean", "seq-mean-token-sum-norm"):
         recipe.algo.loss_agg = agg
