@@ -87,13 +87,18 @@ def load_runs(grid: Grid) -> tuple[Optional[Run], dict[str, list[Run]]]:
     return base, arms
 
 
+def bootstrap_mean_interval(values: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """95% interval [K] lo, hi of the mean over prompts, then runs, of ``values`` [S, P, K] (runs,
+    prompts, ks): prompts resampled with replacement, the same resample for every run."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.shape[1], size=(BOOTSTRAP_RESAMPLES, values.shape[1]))
+    means = values[:, idx, :].mean(axis=2).mean(axis=0)  # [B, K]
+    return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
+
+
 def bootstrap_interval(runs: list[Run], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """95% interval [K] lo, hi of the seed-mean pass@k, prompts resampled with replacement."""
-    stacked = np.stack([r.passk for r in runs])  # [S, P, K]
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, stacked.shape[1], size=(BOOTSTRAP_RESAMPLES, stacked.shape[1]))
-    means = stacked[:, idx, :].mean(axis=2).mean(axis=0)  # [B, K]
-    return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
+    return bootstrap_mean_interval(np.stack([r.passk for r in runs]), seed)  # [S, P, K]
 
 
 def mean_std(values: list[float]) -> str:

@@ -320,6 +320,22 @@ class RewardsConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """The paper's evaluation protocol (``python -m prorl_megatron.benchmarks``); the defaults are ProRL's
+    (arXiv:2505.24864, section 4, as recalled: vLLM, 16 samples per prompt, temperature 0.6, top-p 0.95,
+    32k response tokens; pass@1 the mean over the samples)."""
+
+    n_samples: int = 16  # samples per prompt; pass@k (unbiased) for k up to this
+    temperature: float = 0.6  # also DeepSeek-R1's recommended sampling temperature
+    top_p: float = 0.95
+    max_response_tokens: int = 32768  # capped per benchmark at the model's context minus its longest prompt
+    apply_chat_template: bool = True  # the tokenizer's chat template, the whole prompt in one user turn
+    instructions: bool = True  # append each benchmark's answer-format instruction (false: the bare problem)
+    ks: list[int] = field(default_factory=list)  # pass@k reported; empty: 1, 2, 4, ... and n_samples
+    choice_seed: int = 0  # GPQA's answer order: simple-evals' random.Random(seed) permutations, in file order
+
+
+@dataclass
 class EvalConfig:
     """Pass@k on held-out prompts, also the reset scheduler's plateau signal."""
 
@@ -328,6 +344,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 16])
     temperature: float = 0.6
     top_p: float = 1.0  # nucleus sampling for evaluation only (training rollouts refuse top_p < 1)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)  # python -m prorl_megatron.benchmarks
 
 
 @dataclass
@@ -523,6 +540,16 @@ class Recipe:
                 1 <= k <= self.eval.n_samples,
                 f"eval.ks: every k must be in [1, eval.n_samples={self.eval.n_samples}], got {k}",
             )
+        bench = self.eval.benchmark
+        need(bench.n_samples >= 1, f"eval.benchmark.n_samples must be >= 1, got {bench.n_samples}")
+        need(bench.temperature > 0.0 or bench.n_samples == 1,
+             f"eval.benchmark.temperature must be > 0 (or n_samples 1), got {bench.temperature}")
+        need(0.0 < bench.top_p <= 1.0, f"eval.benchmark.top_p must be in (0, 1], got {bench.top_p}")
+        need(bench.max_response_tokens >= 1,
+             f"eval.benchmark.max_response_tokens must be >= 1, got {bench.max_response_tokens}")
+        for k in bench.ks:
+            need(1 <= k <= bench.n_samples,
+                 f"eval.benchmark.ks: every k must be in [1, eval.benchmark.n_samples={bench.n_samples}], got {k}")
 
         for problem in self.reset.problems("reset"):
             need(False, problem)

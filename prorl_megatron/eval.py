@@ -148,21 +148,24 @@ def evaluation_recipe(recipe: Any, overrides: tuple[str, ...], loop: Any, stage:
     return staged
 
 
-def evaluate_checkpoint(checkpoint: Path, rows: list[Any], recipe: Any, per_prompt: bool = False) -> dict[str, Any]:
-    """:func:`evaluate` on ``rows`` with the weights of ``checkpoint`` (Megatron or HF; collective)."""
-    from transformers import AutoTokenizer
+def checkpoint_hf_dir(checkpoint: Path) -> Path:
+    """The HF directory (config and tokenizer) of ``checkpoint``: a Megatron checkpoint's ``hf/``, or the
+    checkpoint itself when it is a HF directory."""
+    from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir
 
-    from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir, load_model
-    from prorl_megatron.data.chat import encode
+    return hf_config_dir(checkpoint) if (checkpoint / "prorl_meta.json").is_file() else checkpoint
+
+
+def load_checkpoint_engine(checkpoint: Path, recipe: Any) -> Any:
+    """A :class:`~prorl_megatron.rollout.engine.RolloutEngine` built from ``recipe.rollout`` holding the weights
+    of ``checkpoint`` (a Megatron checkpoint, synced from a Megatron model, or a HF directory; collective)."""
+    from prorl_megatron.checkpoint.dist_ckpt import load_model
     from prorl_megatron.parallel import init_parallel
-    from prorl_megatron.rewards.pool import pool_settings
     from prorl_megatron.rollout.engine import RolloutEngine
 
     megatron_ckpt = (checkpoint / "prorl_meta.json").is_file()
-    hf_dir = str(hf_config_dir(checkpoint) if megatron_ckpt else checkpoint)
+    hf_dir = str(checkpoint_hf_dir(checkpoint))
     init_parallel(recipe.parallel.tensor, recipe.parallel.pipeline, seed=recipe.seed)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=recipe.model.trust_remote_code)
-    prompts = [encode(r, tokenizer, recipe.data.apply_chat_template) for r in rows]
     engine = RolloutEngine(hf_dir, recipe.rollout, recipe.precision, recipe.seed, load_weights=not megatron_ckpt)
     if megatron_ckpt:
         from prorl_megatron.models.architectures import model_dims, read_hf_config
@@ -173,6 +176,20 @@ def evaluate_checkpoint(checkpoint: Path, rows: list[Any], recipe: Any, per_prom
         model = build_gpt_model(dims, recipe.precision, perform_initialization=False)
         load_model(model, checkpoint)
         sync_weights(model, dims, engine, recipe.precision.params_dtype, recipe.rollout.sync_bucket_mib << 20)
+    return engine
+
+
+def evaluate_checkpoint(checkpoint: Path, rows: list[Any], recipe: Any, per_prompt: bool = False) -> dict[str, Any]:
+    """:func:`evaluate` on ``rows`` with the weights of ``checkpoint`` (Megatron or HF; collective)."""
+    from transformers import AutoTokenizer
+
+    from prorl_megatron.data.chat import encode
+    from prorl_megatron.rewards.pool import pool_settings
+
+    engine = load_checkpoint_engine(checkpoint, recipe)
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_hf_dir(checkpoint)),
+                                              trust_remote_code=recipe.model.trust_remote_code)
+    prompts = [encode(r, tokenizer, recipe.data.apply_chat_template) for r in rows]
     with RewardPool(recipe.rewards.workers, pool_settings(recipe.rewards),
                     code=any(p.row.domain == "code" for p in prompts)) as pool:
         return evaluate(engine, pool, prompts, recipe, per_prompt=per_prompt)

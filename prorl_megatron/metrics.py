@@ -210,7 +210,7 @@ class Progress:
     """A tqdm bar on rank 0: step, reward, KL and the ETA; it and :meth:`write`'s lines go to
     the console (:func:`~prorl_megatron.run_log.console`), not to the run's log."""
 
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str = "ProRL", unit: str = "step") -> None:
         self._bar = None
         self.enabled = enabled
         if enabled:
@@ -218,14 +218,20 @@ class Progress:
 
             from prorl_megatron.run_log import console
 
-            self._bar = tqdm(total=total, initial=initial, desc="ProRL", unit="step", dynamic_ncols=True,
-                             file=console())
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=console())
 
     def update(self, metrics: dict[str, Any]) -> None:
         if self._bar is None:
             return
         self._bar.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}", kl=f"{metrics.get('kl_ref', 0):.4f}",
                               refresh=False)
+        self._bar.update(1)
+
+    def advance(self, **postfix: str) -> None:
+        """One more unit done (a benchmark scored, ...), ``postfix`` shown beside the bar."""
+        if self._bar is None:
+            return
+        self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(1)
 
     def rewind(self, step: int) -> None:

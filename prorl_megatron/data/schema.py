@@ -12,7 +12,8 @@ shapes in one column); an already-decoded object is accepted too. Its fields per
 
 - math: ``{"answer": str}``
 - code: ``{"style": "stdio" | "function", "tests": [{"input", "output"}, ...], "fn_name": str}``
-  (``fn_name`` for the function style only)
+  (``fn_name`` for the function style only: a function, or ``"Class.method"``), or
+  ``{"style": "assert", "test": "<test program>", "prelude": str}`` (``prelude`` optional)
 - stem: ``{"answer": str, "choices": [str, ...]}`` (``answer`` a letter when ``choices`` is given)
 - logic: ``{"dataset": reasoning-gym name, "entry": {"question", "answer", "metadata"}}``
 - instruction: ``{"instruction_id_list": [IFEval ids], "kwargs": [{...}, ...], "prompt": str}``
@@ -63,15 +64,22 @@ def _check_math(gt: dict) -> None:
 
 
 def _check_code(gt: dict) -> None:
-    _need(gt.get("style") in ("stdio", "function"), "ground_truth.style", "must be 'stdio' or 'function'")
+    _need(gt.get("style") in ("stdio", "function", "assert"), "ground_truth.style",
+          "must be 'stdio', 'function' or 'assert'")
+    if gt["style"] == "assert":
+        _need(isinstance(gt.get("test"), str) and gt["test"].strip() != "", "ground_truth.test",
+              "the assert style needs the test program")
+        _need(isinstance(gt.get("prelude", ""), str), "ground_truth.prelude", "must be a string")
+        return
     tests = gt.get("tests")
     _need(isinstance(tests, list) and len(tests) > 0, "ground_truth.tests", "a non-empty list is required")
     for i, test in enumerate(tests):
         _need(isinstance(test, dict) and "input" in test and "output" in test, f"ground_truth.tests[{i}]",
               "each test needs 'input' and 'output'")
     if gt["style"] == "function":
-        _need(isinstance(gt.get("fn_name"), str) and gt["fn_name"].isidentifier(), "ground_truth.fn_name",
-              "function-style tests need the function's name")
+        fn = gt.get("fn_name")
+        _need(isinstance(fn, str) and 1 <= len(fn.split(".")) <= 2 and all(p.isidentifier() for p in fn.split(".")),
+              "ground_truth.fn_name", "function-style tests need the function's name (or 'Class.method')")
 
 
 def _check_stem(gt: dict) -> None:

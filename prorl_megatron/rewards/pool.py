@@ -178,7 +178,8 @@ class RewardPool:
     def _budget_s(self, request: ScoreRequest) -> float:
         extra = 0.0
         if request.domain in NEEDS_SANDBOX:
-            extra = len(request.ground_truth.get("tests", [])) * (self.settings.limits.wall_s + 1.0)
+            # one sandbox run per test; the assert style's test program is one run
+            extra = max(1, len(request.ground_truth.get("tests") or [])) * (self.settings.limits.wall_s + 1.0)
         return self.settings.timeout_s + extra
 
     def _fail(self, kind: str, reason: str, request: ScoreRequest) -> Score:

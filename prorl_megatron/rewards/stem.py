@@ -9,7 +9,8 @@ from prorl_megatron.rewards.math import score_math
 from prorl_megatron.rewards.text import Score, VerifyContext, last_answer_tag, last_boxed
 
 _PATTERNS = [
-    re.compile(r"answer\s*(?:is|:)?\s*[:(\[]*\s*\(?([A-Z])\)?(?![A-Za-z])", re.I),
+    # "Answer: $C$" / "Answer: **C**": simple-evals' GPQA template asks for 'Answer: $LETTER'
+    re.compile(r"answer\s*(?:is|:)?\s*[:(\[$*]*\s*\(?([A-Z])\)?(?![A-Za-z])", re.I),
     re.compile(r"\(([A-Z])\)"),
     re.compile(r"(?:^|\s)([A-Z])[.)]?\s*$"),
 ]
