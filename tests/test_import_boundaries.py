@@ -79,13 +79,13 @@ LAYERS = [
     {"checkpoint", "metrics", "control.decide", "selfcheck", "ablate_grid"},
     {"rollout", "loop", "ablate_report"},  # vLLM and the training plan; what the loop holds
     {"eval", "control.apply", "plan"},  # evaluation; the controller's actions; the memory plan and costs
-    {"train", "ablate"},  # the entry points
+    {"train", "ablate", "benchmarks"},  # the entry points (benchmarks: the paper's evaluation)
 ]
 
 
 def unit(module: str) -> str:
     parts = module.split(".")[1:]
-    if parts and parts[0] in ("algo", "data", "rewards", "models", "checkpoint", "rollout", "demo"):
+    if parts and parts[0] in ("algo", "data", "rewards", "models", "checkpoint", "rollout", "demo", "benchmarks"):
         return parts[0]
     return ".".join(parts)
 
