@@ -143,13 +143,15 @@ def test_runs_are_deterministic_and_the_seed_matters():
 
 
 def test_command_line_prints_json_without_loading_an_engine():
-    """The CLI on the real recipe (a few steps): JSON out, and neither torch, megatron nor vLLM
-    imported (``-X importtime`` lists every module the interpreter loaded)."""
+    """The CLI on the real recipe's 16k stage (a recipe override makes it quick): JSON out, and
+    neither torch, megatron nor vLLM imported (``-X importtime`` lists every module loaded)."""
     done = procs.run([sys.executable, "-X", "importtime", str(ROOT / "bench" / "async_sim.py"), "--stage", "16k",
-                      "--json", "--steps", "3", "--warmup", "1", "--splits", "8", "--ks", "1"], timeout=120)
+                      "--json", "--steps", "3", "--warmup", "1", "--splits", "8", "--ks", "1",
+                      "train.prompts_per_step=64"], timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout)
     assert out["stage"] == "16k" and out["config"]["recipe"]["max_response"] == 16384
+    assert out["config"]["recipe"]["prompts_per_step"] == 64
     assert [r["label"] for r in out["results"]] == ["colocated sync", "colocated stream", "separate k=1 abort",
                                                     "separate k=1 resume"]
     loaded = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
