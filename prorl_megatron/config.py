@@ -111,6 +111,13 @@ class RolloutConfig:
     correction_low: Optional[float] = None  # icepop / seq_mask_tis band (ProRL v2: 0.5, v2.1: 0.999)
     correction_high: Optional[float] = None  # (ProRL v2: 5.0, v2.1: 1.002)
     check_sync_every: int = 0  # engine-vs-policy logprob parity check every N steps; 0: never
+    # generation as a stream (prorl_megatron/rollout/stream.py): 0 draws prompts in waves, each
+    # once the previous one is done (the rounds of dynamic sampling); x > 0 draws ahead, whenever
+    # the groups in flight are not expected to bring 1 + x times what the batch still misses, and
+    # ends the step as soon as the batch is full
+    overdraw: float = 0.0
+    # the samples still in flight when the batch is full (overdraw > 0): abort them
+    partial: Literal["abort"] = "abort"
     sync_bucket_mib: int = 256  # weight sync moves full tensors in buckets of at most this size
 
     def correction_mode(self) -> str:
@@ -135,7 +142,15 @@ class AlgoConfig:
     kl_input_clamp: Optional[float] = None
     kl_output_clamp: Optional[float] = None
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal, refill
-    max_sampling_rounds: int = 4  # generation rounds allowed to fill a batch
+    # waves of prompts allowed to fill a batch when nothing is drawn ahead (rollout.overdraw 0):
+    # the rounds of dynamic sampling; it also sizes the step's seed layout (prorl_megatron/seeds.py)
+    max_sampling_rounds: int = 4
+    # prompts drawn per step at most; null: max_sampling_rounds x train.prompts_per_step
+    max_prompts_per_step: Optional[int] = None
+
+    def prompts_cap(self, prompts_per_step: int) -> int:
+        """The most prompts a step draws (``max_prompts_per_step``, or its default)."""
+        return self.max_prompts_per_step or self.max_sampling_rounds * prompts_per_step
 
 
 @dataclass
@@ -473,6 +488,11 @@ class Recipe:
              "parallel.sequence_parallel=true is not supported yet: the models are built without it and the "
              "chunked logprob head expects the whole sequence on every TP rank; leave it false")
         need(self.rollout.temperature > 0.0, f"rollout.temperature must be > 0, got {self.rollout.temperature}")
+        need(self.rollout.overdraw >= 0.0 and math.isfinite(self.rollout.overdraw),
+             f"rollout.overdraw must be >= 0 (0: waves, as the rounds of dynamic sampling), got {self.rollout.overdraw}")
+        cap = self.algo.max_prompts_per_step
+        need(cap is None or cap >= self.train.prompts_per_step,
+             f"algo.max_prompts_per_step ({cap}) must be >= train.prompts_per_step ({self.train.prompts_per_step}) or null")
         need(
             self.rollout.top_p == 1.0,
             f"rollout.top_p must be 1.0, got {self.rollout.top_p}: vLLM renormalises the sampling distribution "
@@ -510,7 +530,7 @@ class Recipe:
             f"train.micro_batch_size ({self.train.micro_batch_size})",
         )
         seeds = training_seeds_used(self.train.steps, self.algo.max_sampling_rounds, self.train.prompts_per_step,
-                                    self.rollout.n)
+                                    self.rollout.n, self.algo.prompts_cap(self.train.prompts_per_step))
         need(
             seeds <= TRAINING_SPAN,
             f"(train.steps + 1) x algo.max_sampling_rounds x train.prompts_per_step x rollout.n = {seeds} "

@@ -21,24 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from prorl_megatron.algo.sampling import pass_at_k
-from prorl_megatron.collect import map_over_world
 from prorl_megatron.data.chat import EncodedPrompt
-from prorl_megatron.rewards.pool import RewardPool, ScoreRequest
+from prorl_megatron.rewards.pool import RewardPool
+from prorl_megatron.rollout.stream import score_rollouts
 from prorl_megatron.seeds import eval_base_seed
 
 log = logging.getLogger(__name__)
-
-
-def score_rollouts(pool: RewardPool, prompts: list[EncodedPrompt], rollouts: list[list[Any]]) -> list[list[float]]:
-    """Rewards [prompt][sample], scored by every rank's pool in parallel (collective)."""
-    requests = [ScoreRequest(p.row.domain, r.text or "", p.row.ground_truth, p.opened_think)
-                for p, samples in zip(prompts, rollouts) for r in samples]
-    flat = map_over_world(requests, lambda part: [s.reward for s in pool.score(part)])
-    out, i = [], 0
-    for samples in rollouts:
-        out.append(flat[i: i + len(samples)])
-        i += len(samples)
-    return out
 
 
 def pass_at_k_table(domains: list[str], rewards: list[list[float]], ks: list[int]) -> dict[str, float]:

@@ -15,11 +15,14 @@ seeded with the request's seed, so ``s`` and ``s + 2**32`` sample the same token
 Layout of the ``2**32`` residues for one run, counted from a 32-bit key hashed from the recipe
 seed (so runs with neighbouring recipe seeds do not share shifted streams):
 
-- training: ``key + ((step * R + round) * P + i) * n + j``, with ``R`` = rounds per step
-  (``algo.max_sampling_rounds``), ``P`` = prompts per round at most
-  (``train.prompts_per_step``), ``n`` = samples per prompt; distinct for every tuple as long as
-  ``(steps + 1) * R * P * n <= 2**31`` (:data:`TRAINING_SPAN`; the recipe validation checks it:
-  ProRL's 2,000 steps x 4 x 256 x 16 use 2**25);
+- training: ``key + (step * S + slot) * n + j`` for sample ``j`` of the prompt in seed slot
+  ``slot`` of ``step``, with ``S`` slots per step (:func:`slots_per_step`: ``R * P``, or
+  ``algo.max_prompts_per_step`` when larger) and ``n`` = samples per prompt. A wave of prompts
+  (a round of dynamic sampling) ``w`` holds slots ``w * P + i``, so ``key + ((step * R + w) * P
+  + i) * n + j`` with ``R`` = ``algo.max_sampling_rounds``, ``P`` = ``train.prompts_per_step``;
+  prompts drawn ahead take the slots of their draw positions (prorl_megatron/rollout/stream.py).
+  Distinct for every tuple as long as ``(steps + 1) * S * n <= 2**31`` (:data:`TRAINING_SPAN`;
+  the recipe validation checks it: ProRL's 2,000 steps x 4 x 256 x 16 use 2**25);
 - evaluation: the ``E = prompts * eval.n_samples`` residues just below the key (``key - E + i *
   n + j``), the same for every evaluation (comparable across steps), disjoint from training's
   while ``E <= 2**31``.
@@ -51,9 +54,26 @@ def request_seed(base: int, prompt_index: int, n: int) -> int:
     return (base + prompt_index * n) % SEED_MODULUS
 
 
-def training_seeds_used(steps: int, rounds_per_step: int, prompts_per_round: int, n: int) -> int:
+def slots_per_step(rounds_per_step: int, prompts_per_round: int, max_prompts: int = 0) -> int:
+    """Seed slots (prompts) a step's layout holds: its waves' ``rounds x prompts``, or the most
+    prompts it may draw when that is more."""
+    return max(rounds_per_step * prompts_per_round, max_prompts)
+
+
+def training_seeds_used(steps: int, rounds_per_step: int, prompts_per_round: int, n: int, max_prompts: int = 0) -> int:
     """How many residues a run of steps ``0..steps`` uses (compare with :data:`TRAINING_SPAN`)."""
-    return (steps + 1) * rounds_per_step * prompts_per_round * n
+    return (steps + 1) * slots_per_step(rounds_per_step, prompts_per_round, max_prompts) * n
+
+
+def step_base_seed(recipe_seed: int, step: int, slots: int, n: int) -> int:
+    """Base seed (for :func:`request_seed`, whose ``prompt_index`` is then the seed slot) of
+    ``step``, whose layout holds ``slots`` prompts of ``n`` samples each."""
+    if step < 0 or slots < 1 or n < 1:
+        raise ValueError(f"need step >= 0, slots >= 1, n >= 1; got {step}, {slots}, {n}")
+    if (step + 1) * slots * n > TRAINING_SPAN:
+        raise ValueError(f"step {step}: {slots} prompts x {n} samples per step exhaust the {TRAINING_SPAN} distinct "
+                         "training seeds")
+    return (run_key(recipe_seed) + step * slots * n) % SEED_MODULUS
 
 
 def rollout_base_seed(recipe_seed: int, step: int, round_index: int, *, rounds_per_step: int,

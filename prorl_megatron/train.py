@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from prorl_megatron.algo import (
-    compute_advantages, correction_weights, keep_informative_groups, kl_penalty, logprob_mismatch, policy_kl_loss,
+    compute_advantages, correction_weights, kl_penalty, logprob_mismatch, policy_kl_loss,
     scheduled_cosine_length_rewards,
 )
 from prorl_megatron.checkpoint.dist_ckpt import hf_config_dir, load_model
@@ -63,7 +62,8 @@ from prorl_megatron.plan import check_fits, cost_model, device_memory_bytes
 from prorl_megatron.rollout.batch import (
     MiniBatch, Sample, TrainBatch, make_batch, micro_batches, response_values, training_plan,
 )
-from prorl_megatron.seeds import rollout_base_seed
+from prorl_megatron.rollout.stream import StepStream, StreamSettings, score_rollouts
+from prorl_megatron.seeds import slots_per_step, step_base_seed
 from prorl_megatron.stages import recipe_to_resume
 
 log = logging.getLogger("prorl_megatron.train")
@@ -141,57 +141,37 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
 
 def collect_samples(run: Run, step: int, timer: PhaseTimer) -> tuple[list[Sample], dict[str, Any]]:
     """Generate and score groups until ``train.prompts_per_step`` groups carry signal (with
-    ``algo.dynamic_sampling``) or ``algo.max_sampling_rounds`` is spent; metrics cover every
-    sample generated."""
-    from prorl_megatron.eval import score_rollouts
+    ``algo.dynamic_sampling``) or no more prompts may be drawn (prorl_megatron/rollout/stream.py);
+    the metrics cover every sample generated to the end."""
+    cfg, n = run.recipe, run.recipe.rollout.n
+    slots = slots_per_step(cfg.algo.max_sampling_rounds, cfg.train.prompts_per_step,
+                           cfg.algo.prompts_cap(cfg.train.prompts_per_step))
+    # after a rollback the redone steps sample with another key (hashed from seed + count)
+    base = step_base_seed(cfg.seed + run.state.counters["rollbacks"], step, slots, n)
 
-    cfg = run.recipe
-    target = cfg.train.prompts_per_step
-    kept: list[list[Sample]] = []
-    every: list[Sample] = []
-    drawn, rounds = 0, 0
-    while len(kept) < target and rounds < (cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 1):
-        rounds += 1
-        missing = target - len(kept)
-        keep_rate = len(kept) / drawn if drawn else 1.0
-        count = min(target, math.ceil(missing / max(keep_rate, 0.1)))
-        prompts = draw_prompts(run, count)
-        drawn += count
-        with timer("rollout"):  # the engine is awake with the policy's weights since the last sync
-            # after a rollback the redone steps sample with another key (hashed from seed + count)
-            seed = rollout_base_seed(cfg.seed + run.state.counters["rollbacks"], step, rounds - 1,
-                                     rounds_per_step=cfg.algo.max_sampling_rounds, prompts_per_round=target,
-                                     n=cfg.rollout.n)  # one stream per sample
-            rollouts = run.sampler.engine.generate_global([p.ids for p in prompts], seed=seed)
+    def score(prompts: list[EncodedPrompt], rollouts: list[list[Any]]) -> list[list[float]]:
         with timer("reward"):
             rewards = score_rollouts(run.sampler.pool, prompts, rollouts)
+        if cfg.rollout.truncated == "zero_reward":
+            rewards = [[0.0 if out.truncated else r for out, r in zip(outs, rs)] for outs, rs in zip(rollouts, rewards)]
+        return rewards
+
+    def check() -> None:
         if signal_received(run):  # nothing of this step is applied yet: it is redone after the resume
             raise StepAbandoned(step)
-        round_groups = []
-        for prompt, outs, rs in zip(prompts, rollouts, rewards):
-            group = []
-            for out, reward in zip(outs, rs):
-                if out.truncated and cfg.rollout.truncated == "zero_reward":
-                    reward = 0.0
-                group.append(Sample(prompt.ids, out.response_ids, out.logprobs, reward, out.truncated,
-                                    prompt.row.domain, group=-1))
-            round_groups.append(group)
-            every.extend(group)
-        if cfg.algo.dynamic_sampling:
-            flat = [s for g in round_groups for s in g]
-            keep = keep_informative_groups(torch.tensor([s.reward for s in flat]),
-                                           torch.tensor([i for i, g in enumerate(round_groups) for _ in g]))
-            keep_group = keep.view(len(round_groups), -1).all(dim=1).tolist() if flat else []
-            round_groups = [g for g, k in zip(round_groups, keep_group) if k]
-        kept.extend(round_groups)
-    kept = kept[:target]
-    samples = []
-    for g, group in enumerate(kept):
-        for s in group:
-            s.group = g
-            samples.append(s)
-    metrics = {**rollout_metrics(every), "sampling/rounds": rounds, "sampling/prompts": drawn,
-               "sampling/kept_groups": len(kept), "sampling/kept_frac": len(kept) / max(drawn, 1)}
+
+    # the engine is awake with the policy's weights since the last sync
+    stream = StepStream(run.sampler.engine, StreamSettings.of(cfg), base, lambda count: draw_prompts(run, count),
+                        score, check, timer)
+    result = stream.run()
+    samples = [Sample(g.prompt.ids, out.response_ids, out.logprobs, reward, out.truncated, g.prompt.row.domain, group=i)
+               for i, g in enumerate(result.batch) for out, reward in zip(g.samples, g.rewards)]
+    every = [Sample(g.prompt.ids, out.response_ids, out.logprobs, reward, out.truncated, g.prompt.row.domain, group=-1)
+             for g in result.complete for out, reward in zip(g.samples, g.rewards)]
+    metrics = {**rollout_metrics(every), "sampling/rounds": result.waves, "sampling/prompts": result.drawn,
+               "sampling/kept_groups": len(result.batch), "sampling/kept_frac": len(result.batch) / max(result.drawn, 1)}
+    if cfg.rollout.overdraw:
+        metrics["sampling/aborted_groups"] = result.aborted
     metrics.update(shape_rewards(cfg, samples, step))  # after the metrics and the filter: they see verifier rewards
     return samples, metrics
 

@@ -14,8 +14,8 @@ import gc
 import logging
 import os
 import secrets
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Optional, Sequence
 
 import torch
 
@@ -39,6 +39,35 @@ class Rollout:
     @property
     def truncated(self) -> bool:
         return self.finish_reason == "length"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a stream (:meth:`RolloutEngine.submit`): ``n`` samples of ``prompt_ids``,
+    sample ``j`` seeded ``seed + j`` (vLLM's parallel sampling), at most ``max_tokens`` each;
+    ``key``: the caller's name for it, returned with its samples."""
+
+    key: Hashable
+    prompt_ids: tuple[int, ...]
+    n: int
+    seed: int
+    max_tokens: int
+
+
+@dataclass
+class _Running:
+    request: Request
+    vllm_id: str
+    tokens: list[list[int]] = field(default_factory=list)  # per sample, so far (partial outputs only)
+    logprobs: list[list[float]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+
+def _rollout(token_ids: Sequence[int], logprobs: Sequence, finish_reason: Optional[str], text: Optional[str]) -> Rollout:
+    """A vLLM completion as a :class:`Rollout`: each sampled token's logprob under the sampling
+    distribution (``logprobs=0`` asks for the sampled token's alone)."""
+    return Rollout(list(token_ids), [entry[token].logprob for token, entry in zip(token_ids, logprobs)],
+                   finish_reason or "length", text or None)
 
 
 class _RotaryReloadNotice(logging.Filter):
@@ -115,6 +144,7 @@ class RolloutEngine:
             load_format="auto" if load_weights else "dummy",
         )
         self.dp_rank = self.llm.llm_engine.vllm_config.parallel_config.data_parallel_rank
+        self.running: dict[str, _Running] = {}  # this replica's streamed requests, by vLLM id
         self.asleep: set[str] = set()  # what sleep released and no wake_up brought back yet
         self.weights_lost = False  # level-2 sleep discarded the weights; load_weights restores them
 
@@ -154,6 +184,79 @@ class RolloutEngine:
                 samples.append(Rollout(list(c.token_ids), logprobs, c.finish_reason or "length", c.text or None))
             result.append(samples)
         return result
+
+    # ---- streaming: this replica's requests, added and aborted at any time -------------------
+
+    def submit(self, requests: Sequence[Request], partial: bool = False) -> None:
+        """Add ``requests`` to this replica's engine (as :meth:`generate` does, in order, so that
+        submitting a list and stepping until it is done samples exactly what :meth:`generate`
+        does). ``partial``: keep each sample's tokens as they come, so that :meth:`abort` can
+        return what was generated (vLLM's DELTA outputs; otherwise only final outputs)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        cfg = self.rollout
+        self._check_ready()
+        for request in requests:
+            params = SamplingParams(n=request.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_tokens=request.max_tokens, logprobs=0, stop=list(cfg.stop) or None,
+                                    seed=request.seed)
+            params.output_kind = RequestOutputKind.DELTA if partial else RequestOutputKind.FINAL_ONLY
+            vllm_id = str(next(self.llm.request_counter))
+            self.llm.llm_engine.add_request(vllm_id, TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params)
+            running = _Running(request, vllm_id)
+            if partial:
+                running.tokens, running.logprobs = [[] for _ in range(request.n)], [[] for _ in range(request.n)]
+                running.texts = ["" for _ in range(request.n)]
+            self.running[vllm_id] = running
+
+    @property
+    def busy(self) -> bool:
+        """Whether this replica has streamed requests that have not finished."""
+        return bool(self.running)
+
+    def advance(self) -> list[tuple[Hashable, list[Rollout]]]:
+        """One engine step of this replica; the requests it finished: (key, samples in order)."""
+        if not self.running:
+            return []
+        done = []
+        for out in self.llm.llm_engine.step():
+            running = self.running.get(out.request_id)
+            if running is None:
+                continue
+            if running.tokens:  # DELTA: this step's new tokens of each sample
+                for c in out.outputs:
+                    running.tokens[c.index].extend(c.token_ids)
+                    running.logprobs[c.index].extend(c.logprobs or [])
+                    running.texts[c.index] += c.text or ""
+            if not out.finished:
+                continue
+            del self.running[out.request_id]
+            if running.tokens:
+                reasons = {c.index: c.finish_reason for c in out.outputs}
+                samples = [_rollout(running.tokens[j], running.logprobs[j], reasons.get(j), running.texts[j])
+                           for j in range(running.request.n)]
+            else:
+                samples = [_rollout(c.token_ids, c.logprobs, c.finish_reason, c.text)
+                           for c in sorted(out.outputs, key=lambda c: c.index)]
+            done.append((running.request.key, samples))
+        return done
+
+    def abort(self, keys: Optional[Iterable[Hashable]] = None) -> dict[Hashable, list[list[int]]]:
+        """Abort the streamed requests named by ``keys`` (all: None); return, for a ``partial``
+        request, each sample's tokens so far as (token ids, logprobs) pairs by key."""
+        wanted = None if keys is None else set(keys)
+        chosen = [r for r in self.running.values() if wanted is None or r.request.key in wanted]
+        if chosen:
+            self.llm.llm_engine.abort_request([r.vllm_id for r in chosen])
+        out = {}
+        for r in chosen:
+            del self.running[r.vllm_id]
+            if r.tokens:
+                out[r.request.key] = [(list(t), [e[tok].logprob for tok, e in zip(t, lp)])
+                                      for t, lp in zip(r.tokens, r.logprobs)]
+        return out
 
     def generate_global(self, prompts: Sequence[Sequence[int]], seed: int, **kwargs) -> list[list[Rollout]]:
         """:meth:`generate` for a list of prompts that every rank holds: each engine
