@@ -116,8 +116,13 @@ class RolloutConfig:
     # the groups in flight are not expected to bring 1 + x times what the batch still misses, and
     # ends the step as soon as the batch is full
     overdraw: float = 0.0
-    # the samples still in flight when the batch is full (overdraw > 0): abort them
-    partial: Literal["abort"] = "abort"
+    # the samples still in flight when the batch is full (overdraw > 0): abort them, or carry them
+    # into the next step, where they continue with its weights (each token tagged with the policy
+    # version that sampled it)
+    partial: Literal["abort", "resume"] = "abort"
+    # a group trains only if its oldest token is at most this many policy versions behind the
+    # policy being trained (0: on-policy); staler groups are dropped and counted
+    max_staleness: int = 0
     sync_bucket_mib: int = 256  # weight sync moves full tensors in buckets of at most this size
 
     def correction_mode(self) -> str:
@@ -490,6 +495,10 @@ class Recipe:
         need(self.rollout.temperature > 0.0, f"rollout.temperature must be > 0, got {self.rollout.temperature}")
         need(self.rollout.overdraw >= 0.0 and math.isfinite(self.rollout.overdraw),
              f"rollout.overdraw must be >= 0 (0: waves, as the rounds of dynamic sampling), got {self.rollout.overdraw}")
+        need(self.rollout.partial == "abort" or (self.rollout.overdraw > 0 and self.rollout.max_staleness >= 1),
+             "rollout.partial=resume carries samples into the next step, a policy version later: it needs "
+             "rollout.overdraw > 0 (the step ends before they are done) and rollout.max_staleness >= 1")
+        need(self.rollout.max_staleness >= 0, f"rollout.max_staleness must be >= 0, got {self.rollout.max_staleness}")
         cap = self.algo.max_prompts_per_step
         need(cap is None or cap >= self.train.prompts_per_step,
              f"algo.max_prompts_per_step ({cap}) must be >= train.prompts_per_step ({self.train.prompts_per_step}) or null")
@@ -531,6 +540,7 @@ class Recipe:
         )
         seeds = training_seeds_used(self.train.steps, self.algo.max_sampling_rounds, self.train.prompts_per_step,
                                     self.rollout.n, self.algo.prompts_cap(self.train.prompts_per_step))
+        seeds *= 2 if self.rollout.partial == "resume" else 1  # carried samples' continuations
         need(
             seeds <= TRAINING_SPAN,
             f"(train.steps + 1) x algo.max_sampling_rounds x train.prompts_per_step x rollout.n = {seeds} "

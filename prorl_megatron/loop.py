@@ -25,6 +25,7 @@ from prorl_megatron.checkpoint.train_state import load_checkpoint, save_checkpoi
 from prorl_megatron.config import Recipe
 from prorl_megatron.control.decide import Controller, legacy_control_state
 from prorl_megatron.models.policy import optimizer_state_is_empty, set_learning_rate
+from prorl_megatron.rollout.stream import Carried
 
 
 @dataclass
@@ -69,12 +70,14 @@ def fresh_counters() -> dict[str, int]:
 @dataclass
 class LoopState:
     """The loop's state: ``step`` (the last completed step), the counters (logged every step),
-    the run controller (reset schedule, stage, health streaks), the last validation reward."""
+    the run controller (reset schedule, stage, health streaks), the last validation reward, and
+    the groups a step carried into the next (``rollout.partial: resume``)."""
 
     control: Controller
     step: int = 0
     counters: dict[str, int] = field(default_factory=fresh_counters)
     last_val_reward: Optional[float] = None
+    carried: list = field(default_factory=list)  # rollout.stream.Carried: groups going on into the next step
 
 
 @dataclass
@@ -100,7 +103,8 @@ def loop_state(run: Run) -> dict[str, Any]:
     """The checkpoint's loop state (JSON-able)."""
     s = run.state
     return copy.deepcopy({"control": s.control.state_dict(), "data": run.sampler.mixture.state_dict(),
-                          "counters": dict(s.counters), "last_val_reward": s.last_val_reward})
+                          "counters": dict(s.counters), "last_val_reward": s.last_val_reward,
+                          **({"carried": [c.to_state() for c in s.carried]} if s.carried else {})})
 
 
 def load_loop_state(run: Run, loop: dict[str, Any]) -> None:
@@ -111,6 +115,7 @@ def load_loop_state(run: Run, loop: dict[str, Any]) -> None:
     run.sampler.mixture.load_state_dict(loop["data"])
     s.counters.update(loop["counters"])
     s.last_val_reward = loop["last_val_reward"]
+    s.carried = [Carried.from_state(c) for c in loop.get("carried", [])]
 
 
 def save(run: Run, step: int) -> None:

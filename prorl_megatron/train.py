@@ -146,8 +146,9 @@ def collect_samples(run: Run, step: int, timer: PhaseTimer) -> tuple[list[Sample
     cfg, n = run.recipe, run.recipe.rollout.n
     slots = slots_per_step(cfg.algo.max_sampling_rounds, cfg.train.prompts_per_step,
                            cfg.algo.prompts_cap(cfg.train.prompts_per_step))
+    resume = cfg.rollout.partial == "resume"  # the layout holds the continuations of carried samples too
     # after a rollback the redone steps sample with another key (hashed from seed + count)
-    base = step_base_seed(cfg.seed + run.state.counters["rollbacks"], step, slots, n)
+    base = step_base_seed(cfg.seed + run.state.counters["rollbacks"], step, slots * (2 if resume else 1), n)
 
     def score(prompts: list[EncodedPrompt], rollouts: list[list[Any]]) -> list[list[float]]:
         with timer("reward"):
@@ -162,8 +163,9 @@ def collect_samples(run: Run, step: int, timer: PhaseTimer) -> tuple[list[Sample
 
     # the engine is awake with the policy's weights since the last sync
     stream = StepStream(run.sampler.engine, StreamSettings.of(cfg), base, lambda count: draw_prompts(run, count),
-                        score, check, timer)
+                        score, check, timer, slots=slots, version=step - 1, carried=run.state.carried)
     result = stream.run()
+    run.state.carried = result.carried
     samples = [Sample(g.prompt.ids, out.response_ids, out.logprobs, reward, out.truncated, g.prompt.row.domain, group=i)
                for i, g in enumerate(result.batch) for out, reward in zip(g.samples, g.rewards)]
     every = [Sample(g.prompt.ids, out.response_ids, out.logprobs, reward, out.truncated, g.prompt.row.domain, group=-1)
@@ -172,6 +174,10 @@ def collect_samples(run: Run, step: int, timer: PhaseTimer) -> tuple[list[Sample
                "sampling/kept_groups": len(result.batch), "sampling/kept_frac": len(result.batch) / max(result.drawn, 1)}
     if cfg.rollout.overdraw:
         metrics["sampling/aborted_groups"] = result.aborted
+    if resume:  # versions behind the policy trained on (step - 1): of the batch's groups' oldest tokens
+        lags = [step - 1 - g.oldest for g in result.batch] or [0]
+        metrics.update({"sampling/carried_groups": len(result.carried), "sampling/stale_groups": result.stale,
+                        "staleness/lag_mean": sum(lags) / len(lags), "staleness/lag_max": max(lags)})
     metrics.update(shape_rewards(cfg, samples, step))  # after the metrics and the filter: they see verifier rewards
     return samples, metrics
 

@@ -77,8 +77,9 @@ LAYERS = [
     {"config", "parallel", "data"},  # recipes; the process group; prompt data
     {"models", "run_log", "stages", "demo"},  # Megatron models; where output goes; staged recipes
     {"checkpoint", "metrics", "control.decide", "selfcheck", "ablate_grid"},
-    {"rollout", "loop", "ablate_report"},  # vLLM and the training plan; what the loop holds
-    {"eval", "control.apply", "plan"},  # evaluation; the controller's actions; the memory plan and costs
+    {"rollout", "ablate_report"},  # vLLM, the step's stream and the training plan
+    {"loop", "eval", "plan"},  # what the loop holds; evaluation; the memory plan and costs
+    {"control.apply"},  # carrying out the controller's actions on what the loop holds
     {"train", "ablate", "benchmarks"},  # the entry points (benchmarks: the paper's evaluation)
 ]
 

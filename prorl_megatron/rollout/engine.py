@@ -61,6 +61,7 @@ class _Running:
     tokens: list[list[int]] = field(default_factory=list)  # per sample, so far (partial outputs only)
     logprobs: list[list[float]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    reasons: list[Optional[str]] = field(default_factory=list)  # per sample, once it is done
 
 
 def _rollout(token_ids: Sequence[int], logprobs: Sequence, finish_reason: Optional[str], text: Optional[str]) -> Rollout:
@@ -144,6 +145,7 @@ class RolloutEngine:
             load_format="auto" if load_weights else "dummy",
         )
         self.dp_rank = self.llm.llm_engine.vllm_config.parallel_config.data_parallel_rank
+        self.has_tokenizer = tokenizer
         self.running: dict[str, _Running] = {}  # this replica's streamed requests, by vLLM id
         self.asleep: set[str] = set()  # what sleep released and no wake_up brought back yet
         self.weights_lost = False  # level-2 sleep discarded the weights; load_weights restores them
@@ -208,7 +210,7 @@ class RolloutEngine:
             running = _Running(request, vllm_id)
             if partial:
                 running.tokens, running.logprobs = [[] for _ in range(request.n)], [[] for _ in range(request.n)]
-                running.texts = ["" for _ in range(request.n)]
+                running.texts, running.reasons = ["" for _ in range(request.n)], [None] * request.n
             self.running[vllm_id] = running
 
     @property
@@ -230,12 +232,12 @@ class RolloutEngine:
                     running.tokens[c.index].extend(c.token_ids)
                     running.logprobs[c.index].extend(c.logprobs or [])
                     running.texts[c.index] += c.text or ""
+                    running.reasons[c.index] = c.finish_reason or running.reasons[c.index]
             if not out.finished:
                 continue
             del self.running[out.request_id]
             if running.tokens:
-                reasons = {c.index: c.finish_reason for c in out.outputs}
-                samples = [_rollout(running.tokens[j], running.logprobs[j], reasons.get(j), running.texts[j])
+                samples = [_rollout(running.tokens[j], running.logprobs[j], running.reasons[j], running.texts[j])
                            for j in range(running.request.n)]
             else:
                 samples = [_rollout(c.token_ids, c.logprobs, c.finish_reason, c.text)
@@ -243,9 +245,11 @@ class RolloutEngine:
             done.append((running.request.key, samples))
         return done
 
-    def abort(self, keys: Optional[Iterable[Hashable]] = None) -> dict[Hashable, list[list[int]]]:
+    def abort(self, keys: Optional[Iterable[Hashable]] = None) -> dict[Hashable, list[tuple[list[int], list[float],
+                                                                                         Optional[str]]]]:
         """Abort the streamed requests named by ``keys`` (all: None); return, for a ``partial``
-        request, each sample's tokens so far as (token ids, logprobs) pairs by key."""
+        request, each sample as far as it got, by key: (token ids, their logprobs, the finish
+        reason of a sample that was done, else None)."""
         wanted = None if keys is None else set(keys)
         chosen = [r for r in self.running.values() if wanted is None or r.request.key in wanted]
         if chosen:
@@ -254,9 +258,15 @@ class RolloutEngine:
         for r in chosen:
             del self.running[r.vllm_id]
             if r.tokens:
-                out[r.request.key] = [(list(t), [e[tok].logprob for tok, e in zip(t, lp)])
-                                      for t, lp in zip(r.tokens, r.logprobs)]
+                out[r.request.key] = [(list(t), [e[tok].logprob for tok, e in zip(t, lp)], reason)
+                                      for t, lp, reason in zip(r.tokens, r.logprobs, r.reasons)]
         return out
+
+    def decode(self, token_ids: Sequence[int]) -> Optional[str]:
+        """The text of ``token_ids`` as the engine detokenizes a response (None without a tokenizer)."""
+        if not self.has_tokenizer:
+            return None
+        return self.llm.get_tokenizer().decode(list(token_ids), skip_special_tokens=True)
 
     def generate_global(self, prompts: Sequence[Sequence[int]], seed: int, **kwargs) -> list[list[Rollout]]:
         """:meth:`generate` for a list of prompts that every rank holds: each engine

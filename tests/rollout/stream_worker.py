@@ -10,14 +10,18 @@ first token (a verifier stand-in whose groups carry signal about half the time).
   order, every drawn group completes;
 - drawing ahead: the batch is full, its groups are the first with signal to complete, every
   slot is used once, what was in flight at the end is aborted and counted, and a second stream
-  for the same step samples exactly the same (the step's stream is deterministic).
+  for the same step samples exactly the same (the step's stream is deterministic);
+- carrying on (``partial: resume``): what was in flight goes into the next step's stream as far
+  as it got (each token tagged with its version), continues from there, completes with tokens of
+  both versions; the next step is as deterministic, and a group too stale is not carried.
 Reports ``OK rank R``.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch.distributed as dist
 
@@ -49,8 +53,8 @@ def parity(prompts, rollouts) -> list[list[float]]:
     return [[float(r.response_ids[0] % 2) if r.response_ids else 0.0 for r in samples] for samples in rollouts]
 
 
-def stream(engine, settings) -> tuple[StepStream, object]:
-    pool = [[3 + i, 17, (5 * i) % 90 + 2, 9] for i in range(64)]
+def stream(engine, settings, base=BASE, offset=0, **kwargs) -> tuple[StepStream, object]:
+    pool = [[3 + i, 17, (5 * i) % 90 + 2, 9] for i in range(offset, offset + 64)]
     drawn = []
 
     def draw(count):
@@ -58,7 +62,7 @@ def stream(engine, settings) -> tuple[StepStream, object]:
         drawn.extend(out)
         return out
 
-    s = StepStream(engine, settings, BASE, draw, parity, lambda: None, PhaseTimer())
+    s = StepStream(engine, settings, base, draw, parity, lambda: None, PhaseTimer(), slots=4 * TARGET, **kwargs)
     return s, s.run()
 
 
@@ -98,7 +102,35 @@ def main(hf_dir: str, engine_tp: int) -> None:
     s2, result2 = stream(engine, ahead)
     check([(g.order, [r.response_ids for r in g.samples]) for g in result2.batch]
           == [(g.order, [r.response_ids for r in g.samples]) for g in result.batch], "the stream is not deterministic")
+    carry_on(engine, ahead)
     report_rank("OK", dist.get_rank(), f"waves {result.waves} drawn {result.drawn} aborted {result.aborted}")
+
+
+def carry_on(engine, ahead) -> None:
+    """Step 1 carries what is in flight at its cut into step 2, which finishes it with version 1."""
+    resume = replace(ahead, resume=True, max_staleness=1)
+    s1, first = stream(engine, resume, version=0)
+    check(first.carried and first.aborted == 0, f"nothing carried ({first.aborted} aborted)")
+    check(all(v == 0 for c in first.carried for p in c.samples for v, _ in p.versions), "step 1's tokens: version 0")
+    check(not engine.busy, "requests left in the engine")
+    before = copy.deepcopy(first.carried)
+    s2, second = stream(engine, resume, base=BASE + 10_000, offset=40, version=1, carried=first.carried)
+    again = stream(engine, resume, base=BASE + 10_000, offset=40, version=1, carried=copy.deepcopy(before))[1]
+    check([[r.response_ids for r in g.samples] for g in second.complete]
+          == [[r.response_ids for r in g.samples] for g in again.complete], "step 2 is not deterministic")
+    finished = [g for g in s2.groups if g.slot == -1 and g.samples is not None]
+    check(bool(finished), "no carried group completed in step 2")
+    for g in finished:
+        old = before[g.order].samples
+        for new, was in zip(g.partial, old):
+            check(new.tokens[:len(was.tokens)] == was.tokens, "a continuation lost the tokens it started from")
+            versions = [v for v, _ in new.versions]
+            check(versions in ([0], [0, 1], [1]) and sum(c for _, c in new.versions) == len(new.tokens),
+                  f"version tags {new.versions}")
+            check(was.finish_reason is None or new.tokens == was.tokens, "a finished sample was continued")
+        check(g.oldest == 0 or all(not p.versions for p in old), "a carried group's oldest version")
+    stale = stream(engine, replace(resume, max_staleness=0), version=0)[1]
+    check(stale.carried == [] and stale.aborted > 0, "a group that would be too stale was carried")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,13 @@ from tests.train.test_train_loop import metrics, ok
 pytestmark = pytest.mark.slow
 
 
-def test_drawing_ahead_fills_the_batch_and_resumes_exactly_after_a_kill(tiny_base, tmp_path):
-    overrides = ["train.steps=4", "rollout.overdraw=1.0", "algo.max_prompts_per_step=24", "reset.after_steps=2"]
+@pytest.mark.parametrize("partial", [["rollout.partial=abort"], ["rollout.partial=resume", "rollout.max_staleness=1"]],
+                         ids=["abort", "resume"])
+def test_drawing_ahead_fills_the_batch_and_resumes_exactly_after_a_kill(tiny_base, tmp_path, partial):
+    """``resume``: the groups in flight at a step's cut go on into the next step (saved with its
+    checkpoint: the resumed run continues them as the straight one did)."""
+    overrides = ["train.steps=4", "rollout.overdraw=1.0", "algo.max_prompts_per_step=24", "reset.after_steps=2",
+                 *partial]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     ok(run(train_command(straight, tiny_base, *overrides, "checkpoint.every_n_steps=4")))
     m = metrics(straight)
@@ -20,6 +25,8 @@ def test_drawing_ahead_fills_the_batch_and_resumes_exactly_after_a_kill(tiny_bas
     for r in steps:  # a full batch, or every prompt the step may draw drawn (and then nothing cut)
         kept, drawn, cut = r["sampling/kept_groups"], r["sampling/prompts"], r["sampling/aborted_groups"]
         assert kept <= 8 and drawn <= 24 and (kept == 8 or (drawn == 24 and cut == 0)), r
+        if "rollout.partial=resume" in partial:
+            assert cut == 0 and r["staleness/lag_max"] <= 1 and r["sampling/carried_groups"] >= 0, r
 
     command = train_command(killed, tiny_base, *overrides, "checkpoint.every_n_steps=1")
     jsonl = killed / "logs" / "metrics.jsonl"
