@@ -30,12 +30,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 
 import yaml
 
-from prorl_megatron.algo.triggers import Threshold, TriggerSpec
 from prorl_megatron.seeds import TRAINING_SPAN, training_seeds_used
+
+if TYPE_CHECKING:
+    from prorl_megatron.algo.triggers import TriggerSpec
 
 AdvantageName = Literal["grpo", "rloo", "reinforce_pp_baseline"]
 KLEstimator = Literal["k1", "abs", "k2", "k3"]
@@ -226,8 +228,10 @@ class TriggerConfig:
                 out.append(f"{where}.{key} must be > 0 (or null), got {value}")
         return out
 
-    def spec(self) -> TriggerSpec:
+    def spec(self) -> "TriggerSpec":
         """The trigger these settings describe."""
+        from prorl_megatron.algo.triggers import Threshold, TriggerSpec  # torch-free here: config imports no torch
+
         thresholds = []
         if self.kl_threshold is not None:
             thresholds.append(Threshold("kl_ref", ">", self.kl_threshold, self.kl_window, name="kl"))
@@ -288,9 +292,11 @@ class HealthConfig:
     max_rollbacks: int = 3  # rollbacks per run; a rollback alarm past them stops the run instead
 
 
-def health_spec(name: str, check: HealthCheck) -> TriggerSpec:
+def health_spec(name: str, check: HealthCheck) -> "TriggerSpec":
     """Health check ``name`` (a key of :data:`HEALTH_CHECKS`) as the one trigger type: its metric
     beyond ``check.threshold`` for ``check.window`` consecutive steps."""
+    from prorl_megatron.algo.triggers import Threshold, TriggerSpec
+
     metric, op = HEALTH_CHECKS[name]
     return TriggerSpec(thresholds=(Threshold(metric, op, check.threshold, check.window, name=name,
                                              every_prefix="reward/mean/" if name == "reward_floor" else None),))

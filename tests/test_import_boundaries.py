@@ -147,3 +147,11 @@ print("ok")
     assert message.startswith("error: a training run needs packages that are not installed here: vllm (vLLM")
     for name in ("datasets (", "math_verify (", "reasoning_gym (", "if_verifiable ("):
         assert name in message
+
+
+def test_the_recipe_loads_without_torch():
+    """Tools that only read recipes (the simulator, the recipe checker) import no torch."""
+    code = ("import sys\nfrom prorl_megatron.config import load_recipe\nr = load_recipe('recipes/prorl_1p5b.yaml')\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')\n")
+    out = procs.run([sys.executable, "-c", code], timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
