@@ -422,6 +422,7 @@ def free_training_memory() -> None:
     """Return the update's cached allocations to the device before vLLM wakes (no-op on CPU)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    log.debug("training memory freed")
 
 
 def validate(run: Run, step: int) -> dict[str, float]:
