@@ -80,6 +80,7 @@ LAYERS = [
     {"rollout", "loop", "ablate_report"},  # vLLM and the training plan; what the loop holds
     {"eval", "control.apply", "plan"},  # evaluation; the controller's actions; the memory plan and costs
     {"train", "ablate", "benchmarks"},  # the entry points (benchmarks: the paper's evaluation)
+    {"replay"},  # the GPU check's replay source: drives the trainer's phases on recorded samples
 ]
 
 
