@@ -23,9 +23,10 @@ overrides (:func:`check_overrides`: a step of 2 prompts x 2 samples in 2 mini-ba
 micro-batch token budget the memory plan lets fit, ``train.recompute=selective`` since no
 Transformer Engine is on the lent machines, so megatron's local spec runs unfused attention;
 ``train.lr=3e-4``, so that bf16 weights move; ``reset.after_steps=2``; a second stage entered
-after step 4 that changes ``train.lr`` and ``algo.kl_coef``). The samples: :func:`prorl_megatron.replay.synthetic_steps` (R1-like lengths:
-responses lognormal, median 4,096, capped at 8,192; prompts up to 1,024; random token ids; every
-step has one response at the cap), or a recorded file (``--samples``).
+after step 4 that changes ``train.lr`` and ``algo.kl_coef``). The samples:
+:func:`prorl_megatron.replay.synthetic_steps` (R1-like lengths: responses lognormal, median
+4,096, capped at 8,192; prompts up to 1,024; random token ids; every step has one response at
+the cap), or a recorded file (``--samples``).
 
 Per dtype (bfloat16, then float16), two launches:
 
@@ -86,8 +87,8 @@ from prorl_megatron.plan import matmul_params  # noqa: E402
 
 # DeepSeek-R1-Distill-Qwen-1.5B's config.json (the fields model_dims reads); random weights
 QWEN2_1P5B = dict(
-    architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-    num_key_value_heads=2, intermediate_size=8960, vocab_size=151936, rope_theta=10000.0,
+    architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=1536, num_hidden_layers=28,
+    num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960, vocab_size=151936, rope_theta=10000.0,
     tie_word_embeddings=False, max_position_embeddings=131072, rms_norm_eps=1e-6, hidden_act="silu",
     initializer_range=0.02, use_sliding_window=False,
 )
@@ -174,7 +175,7 @@ def write_random_hf(directory: Path, config: dict[str, Any], seed: int) -> Path:
     g = torch.Generator(device=device).manual_seed(seed)
     writer = HFWriter(directory)
     for rule in hf_mapping.rules(dims):
-        for name, shape in zip(rule.hf, hf_mapping.hf_shapes(rule, dims)):
+        for name, shape in zip(rule.hf, hf_mapping.hf_shapes(rule, dims), strict=True):
             if name.endswith("norm.weight"):
                 tensor = torch.ones(shape)
             elif name.endswith(".bias"):
@@ -218,7 +219,8 @@ def check_overrides(args: argparse.Namespace, dtype: str, run_dir: Path) -> list
             f"rollout.max_response_tokens={s['max_response']}", f"train.prompts_per_step={s['prompts']}",
             f"train.mini_batch_prompts={s['mini_batch_prompts']}", f"train.micro_batch_size={args.rows_per_micro}",
             f"train.max_tokens_per_micro_batch={args.rows_per_micro * (s['max_prompt'] + s['max_response'])}",
-            "train.lr=3.0e-4", "train.recompute=selective", f"train.distributed_optimizer={str(args.distributed_optimizer).lower()}",
+            "train.lr=3.0e-4", "train.recompute=selective",
+            f"train.distributed_optimizer={str(args.distributed_optimizer).lower()}",
             f"train.logprob_chunk_tokens={s['chunk']}", "reset.after_steps=2", "reset.plateau_window=null",
             "reset.min_steps=0", f"checkpoint.dir={run_dir}/ckpt", "checkpoint.every_n_steps=2",
             "checkpoint.keep_last=2", f"logging.dir={run_dir}/logs", "logging.tensorboard=false",

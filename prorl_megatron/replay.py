@@ -14,9 +14,9 @@ and ``python -m prorl_megatron.train`` never reads a replay file.
 - **Replay** (:func:`replay`): per step, the trainer's phases from the advantages on
   (:func:`~prorl_megatron.train.train_on_samples`: advantages -> training plan -> old and
   reference logprobs -> one update per mini-batch), then the run controller's decision and its
-  actions (resets, stage entries: :func:`~prorl_megatron.control.apply.apply_actions`) and the
-  step's end (:func:`~prorl_megatron.train.end_step`: the checkpoint with the optimizer, the
-  metrics record, a stop signal). The run holds no sampler (``Run.sampler`` is None): stage
+  actions (:func:`~prorl_megatron.train.run_control`: resets, stage entries) and the step's end
+  (:func:`~prorl_megatron.train.end_step`: the checkpoint with the optimizer, the metrics
+  record, a stop signal). The run holds no sampler (``Run.sampler`` is None): stage
   entries skip the engine, checkpoints carry no prompt-mixture position. A restart
   (:func:`replay_run` with ``restart_from``) restores a checkpoint as a resumed training run does.
 
@@ -41,13 +41,13 @@ import torch.distributed as dist
 
 from prorl_megatron.checkpoint.train_state import read_meta
 from prorl_megatron.config import Recipe, add_recipe_arguments, recipe_from_args
-from prorl_megatron.control.apply import apply_actions, install_signal_handlers, rollback_target
+from prorl_megatron.control.apply import install_signal_handlers
 from prorl_megatron.control.decide import Controller
 from prorl_megatron.loop import LoopState, Run, restore
 from prorl_megatron.metrics import MetricsWriter, PhaseTimer, Progress
 from prorl_megatron.rollout.batch import Sample
 from prorl_megatron.stages import recipe_to_resume
-from prorl_megatron.train import end_step, passes_only, rollout_metrics, stage_recipes, step_settings, train_on_samples
+from prorl_megatron.train import end_step, passes_only, rollout_metrics, run_control, stage_recipes, train_on_samples
 
 FORMAT = "prorl-replay"
 VERSION = 1
@@ -196,11 +196,7 @@ def replay_step(run: Run, step: int, samples: list[Sample], timer: PhaseTimer) -
     metrics: dict[str, Any] = rollout_metrics(samples)
     if samples:
         metrics.update(train_on_samples(run.trainer, run.recipe, samples, run.state.counters, step, timer))
-    metrics.update(step_settings(run))
-    actions = run.state.control.decide(step, metrics, rollback_target(run))
-    halt = apply_actions(run, step, actions, metrics)
-    metrics.update(run.state.counters)
-    end_step(run, step, metrics, timer, start, halt)
+    end_step(run, step, metrics, timer, start, run_control(run, step, metrics))
     return metrics
 
 

@@ -104,10 +104,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
 
     # 9. run control: the reset schedule, the stage entries and the health checks decide together
     # (a reset: reference <- policy, Adam afresh; a stage: a reset, then its settings; a rollback leaves here)
-    metrics.update(step_settings(run))
-    actions = run.state.control.decide(step, metrics, rollback_target(run))
-    halt = apply_actions(run, step, actions, metrics)
-    metrics.update(run.state.counters)
+    halt = run_control(run, step, metrics)
 
     # 10. checkpoint (at the stage's cadence from this step on), then the step's metrics record
     end_step(run, step, metrics, timer, start, halt)
@@ -139,6 +136,17 @@ def train_on_samples(trainer: Trainer, cfg: Recipe, samples: list[Sample], count
         for mini_batch in plan:
             update_policy(trainer, cfg, batch, mini_batch, sums, counters, step)
     return {**step_means(cfg, sums), "updates": len(plan), "tokens": int(batch["mask"].sum())}
+
+
+def run_control(run: Run, step: int, metrics: dict[str, Any]) -> Optional[Stop]:
+    """Phase 9 (collective): the step's settings into ``metrics``, the run controller's one
+    decision over them, its actions applied (``metrics`` gets their marks), then the counters.
+    Returns a health stop to raise after the checkpoint; a rollback raises :class:`RollBack`."""
+    metrics.update(step_settings(run))
+    actions = run.state.control.decide(step, metrics, rollback_target(run))
+    halt = apply_actions(run, step, actions, metrics)
+    metrics.update(run.state.counters)
+    return halt
 
 
 def end_step(run: Run, step: int, metrics: dict[str, Any], timer: PhaseTimer, start: float,

@@ -9,8 +9,8 @@ import pytest
 from prorl_megatron.checkpoint.hf_io import CheckpointError
 from prorl_megatron.config import Recipe
 from prorl_megatron.control.decide import Controller
-from prorl_megatron.data.schema import PromptRow
 from prorl_megatron.data.dataset import PromptMixture
+from prorl_megatron.data.schema import PromptRow
 from prorl_megatron.loop import LoopState, Run, Sampler, load_loop_state
 from prorl_megatron.metrics import read_jsonl
 from prorl_megatron.replay import Recorder, ReplayError, load_steps, save_steps, synthetic_steps
