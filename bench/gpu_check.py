@@ -115,6 +115,14 @@ def gib(n: Optional[float]) -> Optional[float]:
     return None if n is None else round(n / GIB, 3)
 
 
+def allocated() -> Optional[int]:
+    """Bytes allocated on the GPU now, after its queued work (None on CPU)."""
+    if not CUDA:
+        return None
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
 def free_memory() -> None:
     gc.collect()
     if CUDA:
@@ -377,9 +385,6 @@ class Worker:
         from prorl_megatron.models.logprobs import hidden_states_output, logprobs_from_hidden, next_token_labels
         from prorl_megatron.rollout.batch import make_batch, micro_batches
 
-        if not CUDA:
-            out["skipped"] = "no CUDA device: peak allocations are not measured"
-            return
         if self.time_left() < 30:
             out["skipped"] = f"{self.time_left():.0f} s left of the budget"
             return
@@ -409,15 +414,17 @@ class Worker:
             try:
                 free_memory()
                 hidden = hidden0.detach().clone().requires_grad_(grad)
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
+                base = allocated()
+                if CUDA:
+                    torch.cuda.reset_peak_memory_stats()
                 with torch.set_grad_enabled(grad):
                     lp = fn(hidden, entropy)
                     lp = lp[0] if isinstance(lp, tuple) else lp
                     if grad:
                         lp[:, :-1].sum().backward()
-                torch.cuda.synchronize()
-                out[key] = {"peak_over_start_gib": gib(torch.cuda.max_memory_allocated() - base)}
+                if CUDA:
+                    torch.cuda.synchronize()
+                out[key] = {"peak_over_start_gib": gib(torch.cuda.max_memory_allocated() - base) if CUDA else None}
                 del lp, hidden
             except Exception as e:
                 if not is_oom(e):
@@ -613,6 +620,7 @@ class Parent:
             save_steps(Path(a.work) / "samples.jsonl", make_samples(a, STEPS, sizes(a)["prompts"], a.seed),
                        f"bench/gpu_check.py synthetic_steps (seed {a.seed})")
         r["prepare_s"] = round(time.time() - start, 1)
+        free_memory()  # what this process drew the weights with goes back before the workers start
         self.check_disk()
         r["recipe"] = {"base": "recipes/prorl_1p5b.yaml", "overrides": check_overrides(a, "DTYPE", Path("RUN_DIR")),
                        "rows_per_micro_batch_at_the_cap": a.rows_per_micro}
