@@ -1,6 +1,7 @@
 """bench/gpu_check.py's dry run on CPU (``--cpu-smoke``): the script a lent GPU runs, on a tiny
-model in 2 processes under gloo (data parallel, megatron's DistributedOptimizer). One dtype here
-(the script's loop runs each alike; tests/test_replay.py restarts fp16 and bf16 runs)."""
+model in 2 processes under gloo (data parallel, megatron's DistributedOptimizer). bf16 here, whose
+restart check is this suite's bf16 replay check; the script's loop runs each dtype alike, and
+tests/test_replay.py restarts an fp16 run over TP2 on recorded samples."""
 
 import json
 import sys
