@@ -269,6 +269,13 @@ class Worker:
     def time_left(self) -> float:
         return self.args.deadline - time.time() - self.reserve
 
+    def short_of(self, seconds: Optional[float]) -> bool:
+        """Collective: whether any rank has less than ``seconds`` of the budget left (every rank
+        then skips alike: the trainer's passes are collectives). None: nothing measured yet."""
+        from prorl_megatron.collect import any_rank
+
+        return any_rank(seconds is not None and self.time_left() < seconds)
+
     def main(self) -> None:
         from prorl_megatron.checkpoint.train_state import step_dir
         from prorl_megatron.replay import load_steps, replay, replay_run
@@ -356,7 +363,7 @@ class Worker:
         rounds: list[dict[str, Any]] = []
         per_round = None
         for i in range(a.rounds + 1):  # round 0 is the warm-up of the old plan's shapes
-            if per_round is not None and self.time_left() < per_round:
+            if self.short_of(per_round):
                 out["rounds_skipped"] = a.rounds + 1 - i
                 break
             start = time.time()
@@ -385,7 +392,7 @@ class Worker:
         from prorl_megatron.models.logprobs import hidden_states_output, logprobs_from_hidden, next_token_labels
         from prorl_megatron.rollout.batch import make_batch, micro_batches
 
-        if self.time_left() < 30:
+        if self.short_of(30):
             out["skipped"] = f"{self.time_left():.0f} s left of the budget"
             return
         t, cfg = self.run.trainer, self.run.recipe
@@ -455,7 +462,7 @@ class Worker:
         try:
             for i in range(2):
                 for mode in ("selective", "none"):
-                    if (per_pass is not None and self.time_left() < per_pass) or "error" in out.get(mode, {}):
+                    if self.short_of(per_pass) or "error" in out.get(mode, {}):
                         out.setdefault("skipped", f"pass {i + 1} {mode}: {self.time_left():.0f} s left")
                         continue
                     for m in attention:
