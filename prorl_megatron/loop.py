@@ -8,7 +8,8 @@
   validation reward), which with the mixture's position is a checkpoint's loop state;
 - :class:`Run`: the three, the output (metrics writer, progress bar) and the signals received.
   ``run.recipe`` is the current stage's recipe: the controller's, so a stage entry changes it
-  in one place.
+  in one place. A run without a sampler (``sampler`` None) is the GPU check's replay
+  (prorl_megatron/replay.py): recorded samples, no engine, no prompt data.
 
 :func:`save` and :func:`restore` write and read a whole checkpoint (models, optimizer, RNG
 states, loop state); a checkpoint written before the run controller resumes too.
@@ -19,8 +20,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from prorl_megatron.checkpoint.hf_io import CheckpointError
 from prorl_megatron.checkpoint.train_state import load_checkpoint, save_checkpoint
 from prorl_megatron.config import Recipe
 from prorl_megatron.control.decide import Controller, legacy_control_state
@@ -85,13 +87,15 @@ class Run:
     """Everything the loop holds (built by prorl_megatron.train.setup)."""
 
     trainer: Trainer
-    sampler: Sampler
+    sampler: Optional[Sampler]  # None: the replay's run, which samples nothing (see the module docstring)
     state: LoopState
     writer: Any  # prorl_megatron.metrics.MetricsWriter
     progress: Any  # prorl_megatron.metrics.Progress
     overrides: tuple[str, ...] = ()  # the command line's: they win over every stage's settings
     stop_signal: list[int] = field(default_factory=list)
     saved_step: Optional[int] = None  # the newest checkpoint this run wrote or resumed from
+    # (step, the step's kept samples) -> None: the replay recorder (prorl_megatron/replay.py), never a recipe's
+    record: Optional[Callable[[int, list], None]] = None
 
     @property
     def recipe(self) -> Recipe:
@@ -100,9 +104,10 @@ class Run:
 
 
 def loop_state(run: Run) -> dict[str, Any]:
-    """The checkpoint's loop state (JSON-able)."""
+    """The checkpoint's loop state (JSON-able); ``data`` is None for the replay's run (no prompt mixture)."""
     s = run.state
-    return copy.deepcopy({"control": s.control.state_dict(), "data": run.sampler.mixture.state_dict(),
+    data = run.sampler.mixture.state_dict() if run.sampler is not None else None
+    return copy.deepcopy({"control": s.control.state_dict(), "data": data,
                           "counters": dict(s.counters), "last_val_reward": s.last_val_reward,
                           **({"carried": [c.to_state() for c in s.carried]} if s.carried else {})})
 
@@ -112,7 +117,11 @@ def load_loop_state(run: Run, loop: dict[str, Any]) -> None:
     run controller (``scheduler``, ``health``, ``stage``)."""
     s = run.state
     s.control.load_state_dict(loop["control"] if "control" in loop else legacy_control_state(loop))
-    run.sampler.mixture.load_state_dict(loop["data"])
+    if run.sampler is not None:  # the replay's run has no prompt mixture: its samples come by step
+        if loop["data"] is None:
+            raise CheckpointError("this checkpoint was written by the GPU check's replay (no prompt mixture "
+                                  "position): a training run cannot resume from it")
+        run.sampler.mixture.load_state_dict(loop["data"])
     s.counters.update(loop["counters"])
     s.last_val_reward = loop["last_val_reward"]
     s.carried = [Carried.from_state(c) for c in loop.get("carried", [])]

@@ -23,7 +23,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,7 @@ from prorl_megatron.control.apply import (
     TrainingStopped, apply_actions, fill_engine, health_stopped, install_signal_handlers, roll_back, rollback_target,
     signal_received, stop, stop_before,
 )
-from prorl_megatron.control.decide import Controller
+from prorl_megatron.control.decide import Controller, Stop
 from prorl_megatron.data.chat import EncodedPrompt
 from prorl_megatron.data.dataset import DataError, PromptMixture, load_rows
 from prorl_megatron.loop import LoopState, Run, Sampler, Trainer, loop_state, restore, save
@@ -83,30 +83,16 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
 
     # 1-3. rollout -> reward -> dynamic sampling (more rounds until the batch is full)
     samples, metrics = collect_samples(run, step, timer)
+    if run.record is not None:  # the GPU check's replay recorder (prorl_megatron/replay.py); never a recipe's
+        run.record(step, samples)
     if samples:
         run.sampler.engine.sleep()  # its memory goes to the training passes; the sync below brings it back
-        # 4. advantages, per token, from the group rewards
-        batch = make_batch(samples, trainer.pad_id)
-        with_advantages(cfg, batch)
-        plan = training_plan([[i for i, s in enumerate(samples) if s.group == g] for g in range(samples[-1].group + 1)],
-                             cfg.train.mini_batch_prompts, trainer.layout.data, trainer.layout.dp_rank,
-                             cfg.train.micro_batch_size, (batch["prompt_len"] + batch["response_len"]).tolist(),
-                             cfg.train.max_tokens_per_micro_batch, trainer.packed, trainer.cost)
-        sums = TokenSums()
-
-        # 5. old-policy and reference logprobs (no grad), entropy, KL to the reference
-        with timer("logprob"):
-            old_and_reference_logprobs(trainer, cfg, batch, plan, sums)
-
-        # 6. policy updates: one optimizer step per mini-batch
-        with timer("update"):
-            for mini_batch in plan:
-                update_policy(trainer, cfg, batch, mini_batch, sums, run.state.counters, step)
+        # 4-6. advantages -> old-policy and reference logprobs -> one policy update per mini-batch
+        metrics.update(train_on_samples(trainer, cfg, samples, run.state.counters, step, timer))
 
         # 7. weight sync: the engine samples the next step with the updated policy
         with timer("sync"):
             metrics.update(sync_engine(run, step, samples))
-        metrics.update(step_means(cfg, sums), updates=len(plan), tokens=int(batch["mask"].sum()))
     else:
         log.warning("step %d: no prompt group with a reward signal after %d rounds; no update",
                     step, metrics["sampling/rounds"])
@@ -118,12 +104,56 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
 
     # 9. run control: the reset schedule, the stage entries and the health checks decide together
     # (a reset: reference <- policy, Adam afresh; a stage: a reset, then its settings; a rollback leaves here)
+    halt = run_control(run, step, metrics)
+
+    # 10. checkpoint (at the stage's cadence from this step on), then the step's metrics record
+    end_step(run, step, metrics, timer, start, halt)
+    return metrics
+
+
+def train_on_samples(trainer: Trainer, cfg: Recipe, samples: list[Sample], counters: dict[str, int], step: int,
+                     timer: PhaseTimer) -> dict[str, Any]:
+    """Phases 4-6 of a step on its kept samples (the same list on every rank; ``group`` numbers
+    the prompts from 0): advantages, the old-policy and reference logprobs, one policy update
+    per mini-batch. Returns the training metrics (:func:`step_means`), ``updates`` and ``tokens``
+    (response tokens in the loss). The GPU check's replay (prorl_megatron/replay.py) calls it on
+    recorded samples."""
+    # 4. advantages, per token, from the group rewards
+    batch = make_batch(samples, trainer.pad_id)
+    with_advantages(cfg, batch)
+    plan = training_plan([[i for i, s in enumerate(samples) if s.group == g] for g in range(samples[-1].group + 1)],
+                         cfg.train.mini_batch_prompts, trainer.layout.data, trainer.layout.dp_rank,
+                         cfg.train.micro_batch_size, (batch["prompt_len"] + batch["response_len"]).tolist(),
+                         cfg.train.max_tokens_per_micro_batch, trainer.packed, trainer.cost)
+    sums = TokenSums()
+
+    # 5. old-policy and reference logprobs (no grad), entropy, KL to the reference
+    with timer("logprob"):
+        old_and_reference_logprobs(trainer, cfg, batch, plan, sums)
+
+    # 6. policy updates: one optimizer step per mini-batch
+    with timer("update"):
+        for mini_batch in plan:
+            update_policy(trainer, cfg, batch, mini_batch, sums, counters, step)
+    return {**step_means(cfg, sums), "updates": len(plan), "tokens": int(batch["mask"].sum())}
+
+
+def run_control(run: Run, step: int, metrics: dict[str, Any]) -> Optional[Stop]:
+    """Phase 9 (collective): the step's settings into ``metrics``, the run controller's one
+    decision over them, its actions applied (``metrics`` gets their marks), then the counters.
+    Returns a health stop to raise after the checkpoint; a rollback raises :class:`RollBack`."""
     metrics.update(step_settings(run))
     actions = run.state.control.decide(step, metrics, rollback_target(run))
     halt = apply_actions(run, step, actions, metrics)
     metrics.update(run.state.counters)
+    return halt
 
-    # 10. checkpoint (at the stage's cadence from this step on), then the step's metrics record
+
+def end_step(run: Run, step: int, metrics: dict[str, Any], timer: PhaseTimer, start: float,
+             halt: Optional[Stop]) -> None:
+    """Phase 10 (collective): the step's checkpoint (at the stage's cadence, or on a stop signal
+    or a health stop), then its metrics record (times, ``tokens_per_s``; ``start``: the step's
+    ``perf_counter``); then the health stop or the signal's stop is raised, if any."""
     stopping = signal_received(run)
     if should_checkpoint(run.recipe, step) or stopping or halt:
         with timer("checkpoint"):
@@ -136,7 +166,6 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         raise health_stopped(run, step, halt.alarm)
     if stopping:
         stop(run, step)
-    return metrics
 
 
 def collect_samples(run: Run, step: int, timer: PhaseTimer) -> tuple[list[Sample], dict[str, Any]]:
@@ -614,10 +643,13 @@ def passes_only(recipe: Recipe) -> Trainer:
     return build_trainer(recipe, model_dims(read_hf_config(str(hf_dir))), hf_dir, layout)
 
 
-def train(recipe: Recipe, overrides: tuple[str, ...] = ()) -> Run:
+def train(recipe: Recipe, overrides: tuple[str, ...] = (), record: Optional[Callable[[int, list[Sample]], None]] = None
+          ) -> Run:
     """Run (or continue) the recipe to ``train.steps``; return the finished run. ``overrides``:
-    the command line's, already in ``recipe``; with ``stages:`` they stay on top of every stage."""
+    the command line's, already in ``recipe``; with ``stages:`` they stay on top of every stage.
+    ``record``: called with each step's kept samples (the replay recorder, prorl_megatron/replay.py)."""
     run = setup(recipe, tuple(overrides))
+    run.record = record
     install_signal_handlers(run)
     fill_engine(run)  # the engine starts with random weights: it gets the policy's (fresh or resumed)
     if run.state.step == 0 and run.recipe.stages:

@@ -81,6 +81,7 @@ LAYERS = [
     {"loop", "eval", "plan"},  # what the loop holds; evaluation; the memory plan and costs
     {"control.apply"},  # carrying out the controller's actions on what the loop holds
     {"train", "ablate", "benchmarks"},  # the entry points (benchmarks: the paper's evaluation)
+    {"replay"},  # the GPU check's replay source: drives the trainer's phases on recorded samples
 ]
 
 

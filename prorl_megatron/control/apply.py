@@ -135,6 +135,8 @@ def apply_recipe(run: Run, old: Recipe, new: Recipe) -> tuple[dict[str, tuple[An
     changed = changes(old, new)
     if "train.lr" in changed:
         set_learning_rate(run.trainer.optimizer, new.train.lr)
+    if run.sampler is None:  # the GPU check's replay (prorl_megatron/replay.py): no engine, no mixture to set
+        return changed, False
     if "data.domain_weights" in changed:
         run.sampler.mixture.set_weights(new.data.domain_weights or None)
     rebuilt = engine_length(new) != engine_length(old)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from prorl_megatron.metrics import read_jsonl
+from prorl_megatron.replay import load_steps
 from tests.train.conftest import kill_when, run, signal_when, train_command
 
 pytestmark = pytest.mark.slow
@@ -64,15 +65,25 @@ def test_tp2_run_resets_evaluates_checkpoints_and_plots(tiny_base, tmp_path):
     assert (tmp_path / "logs" / "plots" / "reward.png").stat().st_size > 1000
 
 
-def test_pp2_run_trains(tiny_base, tmp_path):
-    ok(run(train_command(tmp_path, tiny_base, "parallel.tensor=1", "parallel.pipeline=2", "train.steps=2",
-                         "rollout.check_sync_every=1", "checkpoint.every_n_steps=0")))
+def test_pp2_run_trains_and_its_samples_are_recorded_for_the_replay(tiny_base, tmp_path):
+    """The run goes through the replay's recorder (python -m prorl_megatron.replay record: the same
+    train(), each step's kept samples written to a file)."""
+    command = train_command(tmp_path, tiny_base, "parallel.tensor=1", "parallel.pipeline=2", "train.steps=2",
+                            "rollout.check_sync_every=1", "checkpoint.every_n_steps=0", module="prorl_megatron.replay")
+    at = command.index("prorl_megatron.replay") + 1
+    command[at:at] = ["record", "--out", str(tmp_path / "samples.jsonl")]
+    ok(run(command))
     m = metrics(tmp_path)
     for step in (1, 2):
         assert m[(step, None)]["updates"] == 2 and m[(step, None)]["skipped_updates"] == 0
         assert m[(step, None)]["sync/logprob_diff_max"] < 1e-3
         assert m[(step, None)]["grad_norm"] > 0
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000002"  # the final step is saved
+    recorded = load_steps(tmp_path / "samples.jsonl")
+    assert sorted(recorded) == [1, 2]
+    for step, samples in recorded.items():  # what the step trained on: its kept groups, its loss tokens
+        assert len({s.group for s in samples}) == m[(step, None)]["sampling/kept_groups"]
+        assert sum(len(s.response_ids) for s in samples) == m[(step, None)]["tokens"]
 
 
 @pytest.mark.parametrize("dtype,layout", [
