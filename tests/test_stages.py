@@ -106,3 +106,20 @@ def test_resume_recipe_lands_in_the_saved_stage_and_the_command_line_wins(tmp_pa
     assert "command line algo.kl_coef=0.2 overrides stage 1 'long''s algo.kl_coef=0.05" in caplog.text
     with pytest.raises(C.ConfigError, match=r"written in stage 1 'longer'; this recipe's stages are"):
         recipe_to_resume(first, cli, {"stage": {"index": 1, "name": "longer"}})
+
+
+def test_evaluation_lands_in_the_checkpoints_stage_or_the_one_asked_for(tmp_path):
+    """prorl_megatron.eval's recipe for a training checkpoint: its stage's by default (as the
+    trainer's validation of the same weights), --stage NAME or INDEX another, a bad one refused."""
+    from prorl_megatron.eval import evaluation_recipe
+
+    cli = ("algo.kl_coef=0.2",)
+    first = C.load_recipe(staged(tmp_path), cli)
+    loop = {"control": {"stage": {"index": 2, "name": "explore", "entered_step": 9}}}
+    assert evaluation_recipe(first, cli, loop, None).rollout.temperature == 1.2  # stage 2 'explore'
+    assert evaluation_recipe(first, cli, {"stage": {"index": 1, "name": "long"}}, None).rollout.max_response_tokens == 12
+    assert evaluation_recipe(first, cli, loop, "short").rollout.max_response_tokens == 8
+    assert evaluation_recipe(first, cli, loop, "1").rollout.max_response_tokens == 12
+    assert evaluation_recipe(first, cli, None, None) is first  # a converted model: stage 0
+    with pytest.raises(C.ConfigError, match=r"--stage longest: no such stage; this recipe's stages are \['short'"):
+        evaluation_recipe(first, cli, loop, "longest")

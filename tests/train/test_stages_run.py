@@ -72,7 +72,8 @@ def test_four_stages_rebuild_the_engine_and_resume_inside_a_stage(tiny_base, tmp
     assert log.count("engine shut down") == 2  # one per rank
 
     # the last checkpoint is in stage 3 'explore' (12-token responses): prorl_megatron.eval lands in
-    # it as the trainer's own validation of the same weights did; --stage picks another
+    # it as the trainer's own validation of the same weights did (--stage picking another:
+    # tests/test_stages.py)
     evaluation = staged_command(straight, tiny_base, "checkpoint.resume=none")
     evaluation[evaluation.index("prorl_megatron.train")] = "prorl_megatron.eval"
     last = straight / "ckpt" / "step_00000009"
@@ -80,8 +81,6 @@ def test_four_stages_rebuild_the_engine_and_resume_inside_a_stage(tiny_base, tmp
     table = json.loads((tmp_path / "eval.json").read_text())
     trained = {k.removeprefix("val/"): v for k, v in m[(9, None)].items() if k.startswith("val/")}
     assert table.keys() == trained.keys() and all(abs(table[k] - trained[k]) < 1e-9 for k in table), (table, trained)
-    ok(run(evaluation + ["--checkpoint", str(last), "--out", str(tmp_path / "short.json"), "--stage", "short"]))
-    assert json.loads((tmp_path / "short.json").read_text())["response_length"] <= 8.0
 
     # kill -9 in step 5 (stage 2 'long', its plateau trigger holding step 4's evaluation); the resumed
     # command repeats a stage's value on the command line: it wins, and a line says so
